@@ -1,0 +1,1 @@
+"""Training loops, sharding, checkpoints and metrics."""

@@ -1,0 +1,128 @@
+"""One jitted update of the world model and the value networks (METHOD.md Eq. 16, Alg. 1).
+
+`make_train_step(config, mesh)` returns `train_step(state, batch) -> (state, metrics)`: it
+donates its state, takes one AdamW step for the world model (with r_ψ) and one for the values
+(each with its own state and global-norm clipping), and moves the target V̄ by Polyak averaging.
+Given a mesh, the batch is sharded along 'data' and the state replicated; the program is the same.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from mrcom_jax.training import sharding
+from mrcom_jax.world_model import losses
+from mrcom_jax.world_model import model as model_lib
+from mrcom_jax.world_model import normalizer as normalizer_lib
+
+
+@struct.dataclass
+class TrainState:
+  """Everything an update reads and writes.
+
+  Attributes:
+    step: [] int32 updates taken.
+    variables: world-model variables {'params', 'normalizer'}.
+    values: value params {'v', 'v_meta'}, or None under no_meta_value.
+    target: target value params {'v'} (V̄), or None.
+    opt_model: AdamW state of the world model (with r_ψ).
+    opt_values: AdamW state of the values, or None.
+    key: PRNG key for the next update.
+  """
+
+  step: jax.Array
+  variables: dict[str, Any]
+  values: dict[str, Any] | None
+  target: dict[str, Any] | None
+  opt_model: Any
+  opt_values: Any
+  key: jax.Array
+
+
+def make_optimizer(opt_config) -> optax.GradientTransformation:
+  """Global-norm clipping, then AdamW (lr, weight decay) [METHOD.md choice]."""
+  return optax.chain(
+    optax.clip_by_global_norm(opt_config.clip_norm),
+    optax.adamw(opt_config.lr, weight_decay=opt_config.weight_decay),
+  )
+
+
+def init_train_state(
+  config, key: jax.Array, normalizer: normalizer_lib.Normalizer | None = None
+) -> TrainState:
+  """Fresh parameters, optimiser states and key; `normalizer` (fitted) or the identity."""
+  world_model = model_lib.make_world_model(config)
+  key_model, key_values, key_state = jax.random.split(key, 3)
+  variables = world_model.init(key_model)
+  if normalizer is not None:
+    variables = {**variables, "normalizer": normalizer}
+  values = losses.init_values(world_model.spec, key_values)
+  target = None if values is None else {"v": jax.tree.map(jnp.copy, values["v"])}
+  opt_values = None if values is None else make_optimizer(config.value_opt).init(values)
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    variables=variables,
+    values=values,
+    target=target,
+    opt_model=make_optimizer(config.model_opt).init(variables["params"]),
+    opt_values=opt_values,
+    key=key_state,
+  )
+
+
+def make_update(config):
+  """The un-jitted update `(state, batch) -> (state, metrics)`."""
+  world_model = model_lib.make_world_model(config)
+  spec = world_model.spec
+  loss_fn = losses.make_loss(world_model)
+  tx_model = make_optimizer(config.model_opt)
+  tx_values = make_optimizer(config.value_opt)
+
+  def update(state: TrainState, batch):
+    key, key_loss = jax.random.split(state.key)
+
+    def objective(params, values):
+      variables = {**state.variables, "params": params}
+      return loss_fn(variables, values, state.target, batch, key_loss)
+
+    grad_fn = jax.value_and_grad(objective, argnums=(0, 1), has_aux=True)
+    (_, metrics), (g_model, g_values) = grad_fn(state.variables["params"], state.values)
+    params = state.variables["params"]
+    updates, opt_model = tx_model.update(g_model, state.opt_model, params)
+    params = optax.apply_updates(params, updates)
+    metrics = dict(metrics, grad_norm_model=optax.global_norm(g_model))
+    values, target, opt_values = state.values, state.target, state.opt_values
+    if values is not None:
+      updates, opt_values = tx_values.update(g_values, opt_values, values)
+      values = optax.apply_updates(values, updates)
+      target = {"v": optax.incremental_update(values["v"], target["v"], spec.target_tau)}
+      metrics["grad_norm_values"] = optax.global_norm(g_values)
+    new_state = state.replace(
+      step=state.step + 1,
+      variables={**state.variables, "params": params},
+      values=values,
+      target=target,
+      opt_model=opt_model,
+      opt_values=opt_values,
+      key=key,
+    )
+    return new_state, metrics
+
+  return update
+
+
+def make_train_step(config, mesh=None, donate: bool = True):
+  """The jitted update. With a mesh: batch sharded on 'data', state and metrics replicated."""
+  update = make_update(config)
+  donate_argnums = (0,) if donate else ()
+  if mesh is None:
+    return jax.jit(update, donate_argnums=donate_argnums)
+  rep, data = sharding.replicated(mesh), sharding.data_sharding(mesh)
+  return jax.jit(
+    update, in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=donate_argnums
+  )
