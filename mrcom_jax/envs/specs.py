@@ -81,3 +81,40 @@ def descriptor(domain_id, alpha_len, alpha_size, beta) -> np.ndarray:
   xi[domain_id] = 1.0
   xi[NUM_DOMAINS:] = (alpha_len, alpha_size, beta)
   return xi
+
+
+def pad(x, width: int):
+  """Zero-pads the last axis of `x` to `width` (numpy or jax arrays)."""
+  extra = width - x.shape[-1]
+  if extra < 0:
+    raise ValueError(f"cannot pad width {x.shape[-1]} down to {width}")
+  return (
+    np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, extra)])
+    if isinstance(x, np.ndarray)
+    else (__import__("jax").numpy.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, extra)]))
+  )
+
+
+def pad_obs(obs):
+  """[..., d] → [..., OBS_PAD]."""
+  return pad(obs, OBS_PAD)
+
+
+def pad_action(action):
+  """[..., d_a] → [..., ACT_PAD]."""
+  return pad(action, ACT_PAD)
+
+
+def unpad_obs(obs, domain: str | DomainSpec, obs_fn: int | str = 0):
+  """[..., OBS_PAD] → the domain's width after observation function `obs_fn`."""
+  from mrcom_jax.envs import obs_functions  # local: avoids an import cycle
+
+  spec = domain if isinstance(domain, DomainSpec) else get_domain(domain)
+  fn = obs_functions.obs_fn_id(obs_fn) if isinstance(obs_fn, str) else obs_fn
+  return obs[..., : obs_functions.obs_width(spec, fn)]
+
+
+def unpad_action(action, domain: str | DomainSpec):
+  """[..., ACT_PAD] → [..., d_a]."""
+  spec = domain if isinstance(domain, DomainSpec) else get_domain(domain)
+  return action[..., : spec.act_dim]

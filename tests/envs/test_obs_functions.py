@@ -1,0 +1,111 @@
+"""The observation functions of Table 3, as pure functions of (seed, domain, stream, step)."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mrcom_jax.envs import obs_functions as of
+from mrcom_jax.envs import specs
+
+WALKER = specs.WALKER  # d_o = 24 → ⌈2.4⌉ = 3 extra / masked dimensions
+SEED = jax.random.PRNGKey(7)
+OBS = jnp.arange(1.0, 25.0)  # no zero entries, so a zeroed entry is visible
+TRACES = {"n": 0}
+
+
+@functools.partial(jax.jit, static_argnums=())
+def _apply(fn_id, obs, stream, step):
+  TRACES["n"] += 1
+  return of.apply(fn_id, obs, SEED, WALKER, stream, step)
+
+
+def _many(fn_id, steps, stream=0):
+  return np.stack([np.asarray(_apply(fn_id, OBS, stream, k)) for k in steps])
+
+
+def test_none_is_the_padded_observation():
+  out = _many(0, [0])[0]
+  np.testing.assert_array_equal(out[:24], OBS)
+  np.testing.assert_array_equal(out[24:], 0)
+  assert out.shape == (specs.OBS_PAD,)
+
+
+def test_add_gaussian_scale_is_a_tenth_of_sigma():
+  sigma = of.obs_scale("walker")
+  noise = _many(1, range(400))[:, :24] - np.asarray(OBS)
+  np.testing.assert_allclose(noise.std(axis=0) / (0.1 * sigma), 1.0, atol=0.2)
+  np.testing.assert_allclose(noise.mean(axis=0) / (0.1 * sigma), 0.0, atol=0.2)
+
+
+def test_add_distractor_appends_fresh_standard_normals():
+  out = _many(2, range(400))
+  np.testing.assert_array_equal(out[:, :24], np.broadcast_to(OBS, (400, 24)))
+  extra = out[:, 24:27]
+  assert abs(extra.mean()) < 0.1 and abs(extra.std() - 1) < 0.1
+  assert not np.allclose(extra[0], extra[1])  # drawn afresh every step
+  assert of.obs_width(WALKER, 2) == 27 and of.obs_width(WALKER, 3) == 24
+
+
+def test_mask_random_zeroes_exactly_n_dims_fresh_every_step():
+  out = _many(3, range(50))[:, :24]
+  zeros = out == 0
+  assert np.all(zeros.sum(axis=1) == 3)
+  assert len({tuple(np.flatnonzero(z)) for z in zeros}) > 10
+  np.testing.assert_array_equal(out[~zeros], np.broadcast_to(OBS, (50, 24))[~zeros])
+
+
+def test_mask_fixed_zeroes_the_same_dims_every_step_and_stream():
+  out = np.concatenate([_many(4, range(20), stream=0), _many(4, range(5), stream=9)])[:, :24]
+  dims = np.asarray(of.fixed_mask_dims(SEED, WALKER))
+  assert len(set(dims.tolist())) == 3
+  assert np.all(out[:, dims] == 0) and np.all((out == 0).sum(axis=1) == 3)
+  other_seed = np.asarray(of.fixed_mask_dims(jax.random.PRNGKey(8), WALKER))
+  other_domain = np.asarray(of.fixed_mask_dims(SEED, specs.HOPPER))
+  assert set(dims) != set(other_seed) or set(dims) != set(other_domain)
+
+
+def test_pure_function_of_seed_domain_stream_step():
+  a, b = _many(1, [5]), _many(1, [5])
+  np.testing.assert_array_equal(a, b)
+  assert not np.allclose(_many(1, [5], stream=0), _many(1, [5], stream=1))
+  assert not np.allclose(_many(1, [5]), _many(1, [6]))
+
+
+def test_switching_the_function_does_not_recompile():
+  _many(0, [0])
+  before = TRACES["n"]
+  for fn in range(len(of.OBS_FUNCTIONS)):
+    _many(fn, [1, 2])
+  assert TRACES["n"] == before
+
+
+def test_shipped_scale_table():
+  with open(of.OBS_SCALE_FILE) as f:
+    table = json.load(f)
+  assert table["version"] == 1 and table["episodes"] == 10 and table["seed"] == 0
+  for d in specs.DOMAINS:
+    sigma = of.obs_scale(d.name)
+    assert sigma.shape == (d.obs_dim,) and np.all(sigma >= 0) and np.all(np.isfinite(sigma))
+    assert np.sum(sigma > 0) >= d.obs_dim - 2  # only constant sensors may have σ = 0
+
+
+def test_errors():
+  with pytest.raises(ValueError, match="unknown observation function 'blur'"):
+    of.obs_fn_id("blur")
+  with pytest.raises(ValueError, match=r"must have shape \(24,\)"):
+    of.apply(0, jnp.zeros(17), SEED, WALKER, 0, 0)
+
+
+@pytest.mark.slow
+def test_scale_table_recomputes_to_the_shipped_values():
+  from mrcom_jax.envs import obs_scale
+
+  fresh = obs_scale.compute_table()
+  for d in specs.DOMAIN_NAMES:
+    np.testing.assert_allclose(fresh["sigma"][d], of.obs_scale(d), rtol=1e-3, atol=1e-5)
