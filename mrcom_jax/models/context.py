@@ -19,6 +19,32 @@ def head_width(embed: int, num_heads: int) -> int:
   return math.ceil(embed / num_heads)
 
 
+class Attention(nn.Module):
+  """Multi-head dot-product attention with ⌈E / heads⌉ features per head, projected back to E.
+
+  The key projection has no bias: softmax is invariant to it, so its gradient would be pure
+  rounding noise (which Adam's first step would amplify to ±lr).
+
+  Attributes:
+    embed: output width E.
+    num_heads: heads.
+  """
+
+  embed: int
+  num_heads: int
+
+  @nn.compact
+  def __call__(self, query: jax.Array, context: jax.Array) -> jax.Array:
+    """query: [N, q, E], context: [N, k, E] -> [N, q, E]."""
+    shape = (self.num_heads, head_width(self.embed, self.num_heads))
+    q = nn.DenseGeneral(shape, name="query")(query)  # [N, q, H, Dh]
+    k = nn.DenseGeneral(shape, use_bias=False, name="key")(context)  # [N, k, H, Dh]
+    v = nn.DenseGeneral(shape, name="value")(context)
+    logits = jnp.einsum("nqhd,nkhd->nhqk", q, k) / jnp.sqrt(shape[1]).astype(q.dtype)
+    out = jnp.einsum("nhqk,nkhd->nqhd", jax.nn.softmax(logits, axis=-1), v)
+    return nn.DenseGeneral(self.embed, axis=(-2, -1), name="out")(out)
+
+
 class EncoderBlock(nn.Module):
   """A pre-LayerNorm transformer block: attention, then a ReLU feed-forward of ff_mult·E.
 
@@ -40,13 +66,9 @@ class EncoderBlock(nn.Module):
     """x: [N, k, E] -> [N, k, E], or [N, 1, E] with newest_only."""
     y = nn.LayerNorm(name="ln_attn")(x)
     query = y[:, -1:] if self.newest_only else y
-    attn = nn.MultiHeadDotProductAttention(
-      num_heads=self.num_heads,
-      qkv_features=self.num_heads * head_width(self.embed, self.num_heads),
-      out_features=self.embed,
-      name="attn",
+    x = (x[:, -1:] if self.newest_only else x) + Attention(self.embed, self.num_heads, name="attn")(
+      query, y
     )
-    x = (x[:, -1:] if self.newest_only else x) + attn(query, y, y)
     y = nn.LayerNorm(name="ln_ff")(x)
     y = nn.Dense(self.ff_mult * self.embed, name="ff_in")(y)
     return x + nn.Dense(self.embed, name="ff_out")(nn.relu(y))

@@ -271,7 +271,9 @@ def make_world_model(config) -> WorldModel:
     c = call(variables, "context", windows.reshape(b * t, k, -1), valid.reshape(b * t, k))
     return c.reshape(b, t, -1)
 
-  def observe(variables, state: WorldState, obs, prev_action, reward, first, valid, key):
+  def observe(
+    variables, state: WorldState, obs, prev_action, reward, first, valid, key, sample: bool = True
+  ):
     """Posterior filtering (Eq. 6-9) over T steps after `state`.
 
     Args:
@@ -281,6 +283,7 @@ def make_world_model(config) -> WorldModel:
       prev_action: [B, T, 6] a_{t-1}, the action taken at the previous step.
       reward: [B, T] r_t. first: [B, T] bool. valid: [B, T] bool.
       key: a PRNG key, or [B] keys (one per row).
+      sample: draw z and u from the posteriors; False takes their means.
 
     Returns:
       (the WorldState at the last step, Filtered outputs [B, T, ...]).
@@ -303,6 +306,7 @@ def make_world_model(config) -> WorldModel:
     ga = call(variables, "embed_action", a_prev, state.domain)
     post_u = call(variables, "aux_posterior", eo, c)
     noise = jax.vmap(lambda r: jax.random.normal(r, (t, spec.stoch + spec.aux)))(row_keys(key, b))
+    noise = noise if sample else jnp.zeros_like(noise)
     noise_z, noise_u = noise[..., : spec.stoch], noise[..., spec.stoch :]
     u = post_u.sample(noise_u)
 

@@ -46,9 +46,13 @@ class TrainState:
 
 def make_optimizer(opt_config) -> optax.GradientTransformation:
   """Global-norm clipping, then AdamW (lr, weight decay) [METHOD.md choice]."""
-  return optax.chain(
-    optax.clip_by_global_norm(opt_config.clip_norm),
-    optax.adamw(opt_config.lr, weight_decay=opt_config.weight_decay),
+  # Flattened into one vector: the same arithmetic, a few fused ops instead of a few per leaf,
+  # which halves the update's compile time on CPU.
+  return optax.flatten(
+    optax.chain(
+      optax.clip_by_global_norm(opt_config.clip_norm),
+      optax.adamw(opt_config.lr, weight_decay=opt_config.weight_decay),
+    )
   )
 
 
@@ -95,13 +99,13 @@ def make_update(config):
     params = state.variables["params"]
     updates, opt_model = tx_model.update(g_model, state.opt_model, params)
     params = optax.apply_updates(params, updates)
-    metrics = dict(metrics, grad_norm_model=optax.global_norm(g_model))
+    metrics = dict(metrics, grad_norm_model=optax.tree.norm(g_model))
     values, target, opt_values = state.values, state.target, state.opt_values
     if values is not None:
       updates, opt_values = tx_values.update(g_values, opt_values, values)
       values = optax.apply_updates(values, updates)
       target = {"v": optax.incremental_update(values["v"], target["v"], spec.target_tau)}
-      metrics["grad_norm_values"] = optax.global_norm(g_values)
+      metrics["grad_norm_values"] = optax.tree.norm(g_values)
     new_state = state.replace(
       step=state.step + 1,
       variables={**state.variables, "params": params},
