@@ -56,6 +56,7 @@ class EnvState:
   first: jax.Array  # [N] bool, episode start
   last: jax.Array  # [N] bool, the episode's final (1000th-step) state
   diverged: jax.Array  # [N] bool, this state replaced a diverged simulation
+  xi: jax.Array  # [N, 6] scenario descriptor ξ carried with every transition
   t: jax.Array  # [N] int32 control steps since the episode start
   stream_step: jax.Array  # [N] int32 states produced by this slot (observation-function key)
   key: jax.Array  # [N, 2] per-slot reset keys
@@ -227,6 +228,7 @@ class Env:
       first=jnp.zeros((n,), bool),
       last=jnp.ones((n,), bool),
       diverged=jnp.zeros((n,), bool),
+      xi=params.xi,
       t=jnp.zeros((n,), jnp.int32),
       stream_step=jnp.full((n,), -1, jnp.int32),
       key=jax.random.split(key, n),
@@ -304,6 +306,7 @@ class Env:
       first=restart,
       last=(t >= params.episode_length) | diverged,
       diverged=diverged,
+      xi=params.xi,
       t=t,
       stream_step=state.stream_step + 1,
       key=key,

@@ -31,6 +31,7 @@ def test_every_observation_function_steps_without_nan(domain_stepper):
   assert state.first.dtype == jnp.bool_ and state.last.dtype == jnp.bool_
   assert np.isfinite(np.asarray(state.obs)).all() and np.isfinite(np.asarray(state.reward)).all()
   assert not bool(state.first.any()) and int(state.t[0]) == 5
+  np.testing.assert_array_equal(np.asarray(state.xi), np.asarray(params.xi))
   obs = np.asarray(state.obs)
   for i, fn in enumerate(fns):
     width = obs_functions.obs_width(d, fn)
