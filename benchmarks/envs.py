@@ -118,9 +118,9 @@ def main() -> None:
       row["mjx"] = bench_mjx(domain, batch, steps)
       c_batch = min(batch, args.c_batch_max)  # C cost is linear in the batch: measure a slice
       row["c"] = {"batch": c_batch, **bench_c(domain, c_batch, steps, threads)}
-      row["mjx_over_c_loop"] = row["mjx"]["physics_steps_per_s"] / row["c"][
-        "mj_step_loop_physics_steps_per_s"
-      ]
+      row["mjx_over_c_loop"] = (
+        row["mjx"]["physics_steps_per_s"] / row["c"]["mj_step_loop_physics_steps_per_s"]
+      )
       rows.append(row)
       print(
         f"{domain:8s} batch {batch:5d}: MJX {row['mjx']['physics_steps_per_s']:10.0f} phys/s"

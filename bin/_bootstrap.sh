@@ -51,6 +51,9 @@ ensure_venv() {
   fi
 }
 
+# Tests source this file with MRCOM_BOOTSTRAP_DEFINE_ONLY=1 to call find_python alone.
+[[ -n "${MRCOM_BOOTSTRAP_DEFINE_ONLY:-}" ]] && return 0
+
 # JAX's persistent compilation cache: compilation dominates on CPU.
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/mrcom_jax/jax_cache}"
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="${JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS:-0.5}"

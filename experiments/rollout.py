@@ -66,7 +66,9 @@ def simulate(c, domain: str, key, progress) -> dict:
   params = env.make_params(members, obs_fn=c.obs_fn, seed=c.seed)
   key_reset, key_run = jax.random.split(key)
   t0 = time.perf_counter()
-  state = jax.jit(env.reset)(params, key_reset)
+  # `initial` marks every member `last`, so the first scanned step performs the reset: the
+  # program holds one env step, compiled once.
+  state = jax.jit(env.initial)(params, key_reset)
   run = make_chunk(env, params, c.chunk)
   traces, compiled_at = [], None
   for i, k in enumerate(jax.random.split(key_run, -(-c.steps // c.chunk))):
