@@ -184,7 +184,7 @@ class Env:
   def _readout(self, data):
     """(obs [d_o], speed, height, upright) from up-to-date data of one member."""
     ids = self.ids
-    speed = data.subtree_linvel[ids["torso"], 0]
+    speed = data._impl.subtree_linvel[ids["torso"], 0]  # MJX keeps it in the JAX impl
     name = self.domain.name
     if name == "hopper":
       touch = jnp.log1p(data.sensordata[ids["touch"]])
