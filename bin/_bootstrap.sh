@@ -14,20 +14,23 @@ find_python() {
     _py_ok "$MRCOM_PYTHON" && { echo "$MRCOM_PYTHON"; return; }
     echo "MRCOM_PYTHON=$MRCOM_PYTHON is not a Python >= 3.12" >&2; return 1
   fi
+  # 3.12 first: it is what the project is tested on, and dm_control's labmaze has no wheel
+  # for 3.13 yet (pip would try to build it with bazel).
   local c
-  for c in python3.14 python3.13 python3.12 python3 python; do
+  for c in python3.12 python3.13 python3.14 python3 python; do
     if command -v "$c" >/dev/null 2>&1 && _py_ok "$c"; then command -v "$c"; return; fi
   done
-  # pyenv keeps versions that are installed but not selected; use the newest 3.12+.
+  # pyenv keeps versions that are installed but not selected: the newest 3.12.x, else newer.
   local root="${PYENV_ROOT:-$HOME/.pyenv}"
   if [[ -d "$root/versions" ]]; then
-    for c in $(ls -1 "$root/versions" | grep -E '^3\.(1[2-9]|[2-9][0-9])(\.[0-9]+)?$' | sort -rV); do
+    for c in $(ls -1 "$root/versions" | grep -E '^3\.12(\.[0-9]+)?$' | sort -rV) \
+             $(ls -1 "$root/versions" | grep -E '^3\.(1[3-9]|[2-9][0-9])(\.[0-9]+)?$' | sort -V); do
       if _py_ok "$root/versions/$c/bin/python3"; then echo "$root/versions/$c/bin/python3"; return; fi
     done
   fi
   cat >&2 <<'MSG'
 error: mrcom-jax needs Python 3.12 or newer (current JAX and chex require it), and none was found.
-  Looked for: $MRCOM_PYTHON, python3.14 .. python3.12, python3, and pyenv versions under ~/.pyenv.
+  Looked for: $MRCOM_PYTHON, python3.12 .. python3.14, python3, and pyenv versions under ~/.pyenv.
   Install one, e.g.  `pyenv install 3.12`  or  `apt-get install python3.12 python3.12-venv`,
   or point MRCOM_PYTHON at an existing interpreter, then run this command again.
 MSG

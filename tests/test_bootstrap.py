@@ -24,9 +24,10 @@ def test_uses_mrcom_python_when_given():
 
 
 def test_finds_a_pyenv_version(tmp_path):
-  versions = tmp_path / "versions" / "3.12.9" / "bin"
-  versions.mkdir(parents=True)
-  (versions / "python3").symlink_to(sys.executable)
+  for version in ("3.12.9", "3.12.1", "3.13.0"):  # 3.12 is preferred over newer versions
+    versions = tmp_path / "versions" / version / "bin"
+    versions.mkdir(parents=True)
+    (versions / "python3").symlink_to(sys.executable)
   (tmp_path / "versions" / "3.11.7").mkdir()
   out = _find_python({"PYENV_ROOT": str(tmp_path), "HOME": "/nonexistent"})
   assert out.returncode == 0 and out.stdout.strip().endswith("versions/3.12.9/bin/python3")
