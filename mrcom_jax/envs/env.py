@@ -65,6 +65,13 @@ class EnvState:
   upright: jax.Array  # [N] torso zz (walker); 1 elsewhere
 
 
+def _where_rows(mask, a, b):
+  """Per-member select over pytrees: `a` where `mask` [N] is set, else `b`."""
+  return jax.tree.map(
+    lambda x, y: jnp.where(mask.reshape((mask.shape[0],) + (1,) * (x.ndim - 1)), x, y), a, b
+  )
+
+
 @functools.lru_cache(maxsize=4096)
 def _model(domain, alpha_len, alpha_size, mass_rule, solver) -> mujoco.MjModel:
   return morphology.build_model(domain, alpha_len, alpha_size, mass_rule, solver)
@@ -162,17 +169,15 @@ class Env:
       probe: [N] bool, whether to run the sensor pass after the steps.
     """
     step = jax.vmap(mjx.step, in_axes=(self.model_axes, 0))
-    n = ctrl.shape[0]
     total = jnp.max(n_phys + probe.astype(jnp.int32))
-    expand = lambda mask, x: mask.reshape((n,) + (1,) * (x.ndim - 1))
 
     def body(carry):
       i, d = carry
       stepped = step(params.model, d)
       move = i < n_phys
       sense = probe & (i == n_phys)
-      d_new = jax.tree.map(lambda a, b: jnp.where(expand(move, a), a, b), stepped, d)
-      sensordata = jnp.where(expand(sense, d.sensordata), stepped.sensordata, d_new.sensordata)
+      d_new = _where_rows(move, stepped, d)
+      sensordata = _where_rows(sense, stepped.sensordata, d_new.sensordata)
       return i + 1, d_new.replace(sensordata=sensordata)
 
     _, data = jax.lax.while_loop(lambda c: c[0] < total, body, (0, data.replace(ctrl=ctrl)))
@@ -215,10 +220,14 @@ class Env:
       params.obs_fn, obs_clean, params.stream, stream_step
     )
 
+  def _blank_data(self, n: int) -> mjx.Data:
+    """`n` copies of the template's fresh `mjx.Data` (a reset starts from it)."""
+    return jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)), mjx.make_data(self.template))
+
   def initial(self, params: EnvParams, key) -> EnvState:
     """A pre-episode state: every member is `last`, so the next `step` starts an episode."""
     n = params.v_target.shape[0]
-    data = jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)), mjx.make_data(self.template))
+    data = self._blank_data(n)
     zeros = jnp.zeros((n,), jnp.float32)
     return EnvState(
       data=data,
@@ -271,13 +280,8 @@ class Env:
     restart = state.last
     key, key_reset = jax.vmap(jax.random.split, out_axes=1)(state.key)
     key = jnp.where(restart[:, None], key, state.key)
-    template = jax.tree.map(
-      lambda x: jnp.broadcast_to(x, (n, *x.shape)), mjx.make_data(self.template)
-    )
-    qpos0 = jax.vmap(self._sample_qpos)(key_reset)
-    start = template.replace(qpos=qpos0)
-    pick = lambda mask: lambda a, b: jnp.where(mask.reshape((n,) + (1,) * (a.ndim - 1)), a, b)
-    data = jax.tree.map(pick(restart), start, state.data)
+    start = self._blank_data(n).replace(qpos=jax.vmap(self._sample_qpos)(key_reset))
+    data = _where_rows(restart, start, state.data)
     settle = CHEETAH_SETTLE_STEPS if self.domain.name == "cheetah" else 0
     n_phys = jnp.where(restart, settle, self.domain.n_substeps).astype(jnp.int32)
     probe = restart & (self.domain.name == "hopper")  # only the hopper observes a sensor (touch)
@@ -290,7 +294,7 @@ class Env:
     diverged = ~(finite(data.qpos) & finite(data.qvel) & finite(obs_clean))
     # A diverged member keeps its previous (finite) state, marked `last` and `diverged` with
     # reward 0, so nothing NaN leaves the env; its next step starts a new episode.
-    data = jax.tree.map(pick(diverged), state.data, data)
+    data = _where_rows(diverged, state.data, data)
     obs_clean = jnp.where(diverged[:, None], state.obs_clean, obs_clean)
     speed, height, upright = (
       jnp.where(diverged, old, new)
