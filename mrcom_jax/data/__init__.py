@@ -1,0 +1,1 @@
+"""Behaviour datasets on disk (`dataset`) and the pretraining window sampler (`sampler`)."""

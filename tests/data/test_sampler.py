@@ -1,0 +1,246 @@
+"""WindowSampler and fit_normalizer on small synthetic datasets (no physics).
+
+Every sampler here shares one layout (hopper, walker, cheetah; B = 6; window 10), so the jitted
+finalisation compiles once for the module.
+"""
+
+from __future__ import annotations
+
+import threading
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mrcom_jax.data import sampler as sampler_lib
+from mrcom_jax.data.sampler import WindowIndex, WindowSampler, fit_normalizer
+from mrcom_jax.envs import obs_functions, specs
+from mrcom_jax.training import sharding
+from tests.data.conftest import write_dataset
+
+WINDOW, B = 10, 6
+HELD_OUT = {4, 7, 13, 22}  # the last stream of each dataset
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory):
+  d = tmp_path_factory.mktemp("sampler")
+  return [
+    write_dataset(d / "h1", "hopper", [([0, 1, 2], 2), ([3, 4], 3)]),
+    write_dataset(d / "w", "walker", [([10, 11, 12, 13], 2)]),
+    write_dataset(d / "h2", "hopper", [([5, 6, 7], 2)]),
+    write_dataset(d / "c", "cheetah", [([20, 21, 22], 3)]),
+  ]
+
+
+@pytest.fixture(scope="module")
+def sampler(datasets):
+  s = WindowSampler(datasets, window=WINDOW, batch_size=B, obs_fn="none", seed=0)
+  yield s
+  s.close()
+
+
+def records(datasets):
+  """{global stream id: (domain id, Chunk, row)}."""
+  out = {}
+  for ds in datasets:
+    for chunk in ds:
+      for row, sid in enumerate(chunk.stream):
+        out[int(sid)] = (ds.spec.id, chunk, row)
+  return out
+
+
+def decode(obs):
+  """Stream ids and steps of windows of `none` observations: two [B, W] int arrays."""
+  v = np.asarray(obs[..., 0]).astype(np.int64)
+  return v // 10000, v % 10000
+
+
+def test_windows_are_consecutive_records_of_one_stream_of_the_row_domain(datasets, sampler):
+  assert sampler.domain_ids == (0, 1, 2)
+  by_id = records(datasets)
+  seen_first_inside = False
+  for i in range(6):
+    batch = jax.device_get(sampler.batch(i))
+    assert batch.obs.shape == (B, WINDOW, 27) and batch.obs.dtype == np.float32
+    assert batch.action.shape == (B, WINDOW, 6) and batch.reward.shape == (B, WINDOW)
+    assert batch.valid.all()
+    np.testing.assert_array_equal(batch.domain, [0, 1, 2, 0, 1, 2])
+    sid, step = decode(batch.obs)
+    for b in range(B):
+      s = sid[b, 0]
+      d, chunk, row = by_id[s]
+      spec = specs.DOMAINS[d]
+      assert d == batch.domain[b] and s not in HELD_OUT
+      assert (sid[b] == s).all()
+      np.testing.assert_array_equal(np.diff(step[b]), 1)
+      j = step[b] - chunk.step0[row]  # record indices inside the stream
+      np.testing.assert_array_equal(batch.obs[b, :, : spec.obs_dim], chunk.obs[row, j])
+      assert not batch.obs[b, :, spec.obs_dim :].any()
+      np.testing.assert_array_equal(batch.action[b, :, : spec.act_dim], chunk.action[row, j])
+      assert not batch.action[b, :, spec.act_dim :].any()
+      np.testing.assert_array_equal(batch.reward[b], chunk.reward[row, j])
+      np.testing.assert_array_equal(batch.first[b], j % 10 == 0)
+      seen_first_inside |= bool(batch.first[b, 1:].any())
+      np.testing.assert_array_equal(batch.xi[b], chunk.xi[row])
+      np.testing.assert_array_equal(batch.obs_mask[b], specs.obs_mask(d, 0))
+      np.testing.assert_array_equal(batch.act_mask[b], specs.act_mask(d))
+  assert seen_first_inside  # windows do span episode boundaries inside a stream
+
+
+def test_window_draws_are_uniform_and_skip_held_out_streams(datasets, sampler):
+  # Training windows per stream: length − window + 1 (20 → 11, 30 → 21 records).
+  assert sampler.num_train_windows == {"hopper": 11 * 5 + 21, "walker": 33, "cheetah": 42}
+  counts = {}
+  starts = set()
+  n = 1500
+  for i in range(n):
+    idx = sampler.indices(i)
+    for k, s, t in zip(idx.dataset, idx.stream, idx.start):
+      sid = int(datasets[k].locate(int(s))[0].stream[datasets[k].locate(int(s))[1]])
+      counts[sid] = counts.get(sid, 0) + 1
+      starts.add((sid, int(t)))
+  assert not HELD_OUT & set(counts)
+  hopper = {0: 11, 1: 11, 2: 11, 3: 21, 5: 11, 6: 11}
+  total = sum(hopper.values())
+  for sid, w in hopper.items():
+    p = w / total
+    sd = np.sqrt(2 * n * p * (1 - p))
+    assert abs(counts[sid] - 2 * n * p) < 4 * sd, (sid, counts[sid], 2 * n * p)
+  assert {t for s, t in starts if s == 3} == set(range(21))
+
+
+def test_same_record_same_perturbation_at_any_position(datasets):
+  s = WindowSampler(datasets, window=WINDOW, batch_size=B, obs_fn="add_gaussian", seed=3)
+  # Rows 0 and 3 (hopper) see stream 3 from records 5 and 12: record 12 sits at positions 7 and 0;
+  # rows 1 and 4 (walker) see stream 10 from 0 and 7: record 9 at positions 9 and 2.
+  idx = WindowIndex(
+    dataset=np.array([0, 1, 3, 0, 1, 3]),
+    stream=np.array([3, 0, 0, 3, 0, 1]),
+    start=np.array([5, 0, 0, 12, 7, 4]),
+  )
+  batch = jax.device_get(s.gather(idx))
+  np.testing.assert_array_equal(batch.obs[0, 7], batch.obs[3, 0])
+  np.testing.assert_array_equal(batch.obs[1, 9], batch.obs[4, 2])
+  clean = datasets[0].chunk(1).obs[0, 12]
+  assert not np.array_equal(batch.obs[0, 7, :15], clean)  # perturbed ...
+  np.testing.assert_allclose(batch.obs[0, 7, :15], clean, atol=1.0)  # ... a little
+  # ... exactly as the env would: key (seed, domain, stream id 3, step 300 + 12).
+  want = obs_functions.apply(
+    1, jnp.asarray(clean), jax.random.PRNGKey(3), specs.HOPPER, stream=3, step=312
+  )
+  np.testing.assert_allclose(batch.obs[0, 7], want, rtol=1e-6)
+  # Other records get other noise.
+  assert not np.array_equal(batch.obs[0, 6] - batch.obs[0, 7], batch.obs[3, 6] - batch.obs[3, 7])
+
+
+def test_obs_fn_is_data_no_recompile(datasets, sampler):
+  jitted = sampler_lib._assembler((0, 1, 2), None)
+  sampler.batch(0)
+  before = jitted._cache_size()
+  for name in ("mask_random", "add_distractor"):
+    s = WindowSampler(datasets, window=WINDOW, batch_size=B, obs_fn=name, seed=1)
+    batch = jax.device_get(s.batch(0))
+    np.testing.assert_array_equal(
+      batch.obs_mask[1], specs.obs_mask(1, obs_functions.obs_fn_id(name))
+    )
+  assert jitted._cache_size() == before
+  # add_distractor appends N(0, 1) dimensions to the walker rows.
+  assert batch.obs_mask[1].sum() == 27 and np.abs(batch.obs[1, :, 24:]).max() < 10
+  assert batch.obs[1, :, 24:].std() > 0.1
+
+
+def test_determinism_and_exact_resume(datasets, sampler):
+  other = WindowSampler(datasets, window=WINDOW, batch_size=B, obs_fn="none", seed=0, prefetch=0)
+  for i in (0, 7):
+    jax.tree.map(np.testing.assert_array_equal, sampler.batch(i), other.batch(i))
+  with sampler.batches(start=7) as it:
+    assert it.position == 7
+    got = [next(it) for _ in range(3)]
+    assert it.position == 10
+  for k, batch in enumerate(got):
+    jax.tree.map(np.testing.assert_array_equal, batch, other.batch(7 + k))
+  reseeded = WindowSampler(datasets, window=WINDOW, batch_size=B, obs_fn="none", seed=1)
+  assert not np.array_equal(reseeded.indices(7).start, sampler.indices(7).start)
+  assert sampler.wait_seconds > 0
+
+
+def test_prefetch_thread_errors_reach_the_consumer_and_close_joins(datasets):
+  s = WindowSampler(datasets, window=WINDOW, batch_size=B, obs_fn=0, seed=0, prefetch=2)
+  real = s.batch
+
+  def flaky(self, i):
+    if i == 2:
+      raise KeyError("disk gone at batch 2")
+    return real(i)
+
+  s.batch = types.MethodType(flaky, s)
+  it = s.batches()
+  next(it), next(it)
+  with pytest.raises(KeyError, match="disk gone"):
+    next(it)
+  with pytest.raises(StopIteration):
+    next(it)
+  with s:
+    it2 = s.batches(start=5)
+    next(it2)
+  assert it2._thread is None and it2._stop.is_set()  # closed by the sampler's context
+  assert not [t for t in threading.enumerate() if t.name == "WindowSampler-prefetch"]
+
+
+def test_holdout_batch(datasets, sampler):
+  batch = jax.device_get(sampler.holdout_batch(B, window=WINDOW, seed=0))
+  sid, step = decode(batch.obs)
+  np.testing.assert_array_equal(batch.domain, [0, 1, 2, 0, 1, 2])
+  assert set(sid.ravel()) <= HELD_OUT
+  assert batch.first[:, 0].all() and not batch.first[:, 1:].any()  # one whole episode
+  # Short windows may start at any episode of the held-out stream, never past its end.
+  starts = set()
+  for seed in range(30):
+    sid, step = decode(sampler.holdout_batch(B, window=WINDOW, seed=seed).obs)
+    starts |= {(int(a), int(b) - 100 * int(a)) for a, b in zip(sid[:, 0], step[:, 0])}
+  assert starts == {(4, 0), (4, 10), (4, 20), (7, 0), (7, 10), (13, 0), (13, 10), (22, 0),
+                    (22, 10), (22, 20)}  # fmt: skip
+  with pytest.raises(ValueError, match="long enough"):
+    sampler.holdout_batch(B, window=31)
+
+
+def test_errors(datasets):
+  kw = dict(batch_size=B, obs_fn="none", seed=0)
+  with pytest.raises(ValueError, match=r"window = context_len \+ seq_len = 21 .*20 records"):
+    WindowSampler(datasets, window=21, **kw)
+  with pytest.raises(ValueError, match="too few to hold out 3"):
+    WindowSampler(datasets, window=WINDOW, holdout_streams=3, **kw)
+  with pytest.raises(ValueError, match="smaller than the 3 domains"):
+    WindowSampler(datasets, window=WINDOW, batch_size=2, obs_fn=0, seed=0)
+  with pytest.raises(ValueError, match="unknown observation function"):
+    WindowSampler(datasets, window=WINDOW, batch_size=B, obs_fn="blur", seed=0)
+  fake_mesh = types.SimpleNamespace(shape={sharding.DATA_AXIS: 4})
+  with pytest.raises(ValueError, match="batch size 6 is not divisible by the mesh's 4 devices"):
+    WindowSampler(datasets, window=WINDOW, mesh=fake_mesh, **kw)
+
+
+def test_one_device_mesh_shards_the_batch(datasets):
+  mesh = sharding.make_mesh(1)
+  hopper = [datasets[0]]
+  s = WindowSampler(hopper, window=WINDOW, batch_size=2, obs_fn="none", seed=0, mesh=mesh)
+  batch = s.batch(0)
+  for leaf in jax.tree.leaves(batch):
+    assert leaf.sharding.is_equivalent_to(sharding.data_sharding(mesh), leaf.ndim)
+  np.testing.assert_array_equal(batch.domain, [0, 0])
+
+
+def test_fit_normalizer_by_hand(datasets):
+  norm = fit_normalizer(datasets, "none", seed=0, num_records=25)
+  by_id = records(datasets)
+  # First 25 records per domain in stream order: hopper 20 of stream 0 + 5 of stream 1 (dataset
+  # h1 comes first); walker 20 of 10 + 5 of 11; cheetah 25 of 20.
+  for d, parts in ((0, [(0, 20), (1, 5)]), (1, [(10, 20), (11, 5)]), (2, [(20, 25)])):
+    x = np.concatenate([by_id[s][1].obs[by_id[s][2], :n] for s, n in parts]).astype(np.float64)
+    width = specs.DOMAINS[d].obs_dim
+    np.testing.assert_allclose(norm.mean[d, :width], x.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(norm.std[d, :width], x.std(0), rtol=1e-5)
+    np.testing.assert_array_equal(norm.mean[d, width:], 0)
+    np.testing.assert_array_equal(norm.std[d, width:], 1)
