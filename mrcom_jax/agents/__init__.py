@@ -1,0 +1,1 @@
+"""Agents: the jitted SAC and the per-domain collection runner."""
