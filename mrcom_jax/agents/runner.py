@@ -166,6 +166,7 @@ class ChunkOut:
     diverged: [chunk, A·N] bool.
     stream_step: [chunk, A·N] int32 the slot's state counter.
     episode_return: [chunk, A·N] the episode's reward sum up to this record.
+    speed: [chunk, A·N] forward speed v_x of s_t (the v_max stage averages it).
     metrics: dict of [chunk] SAC metrics averaged over agents (0 without updates); `updates`
       counts the updates of the iteration (per agent, averaged).
     agent_metrics: dict of [chunk, A], the same per agent.
@@ -179,6 +180,7 @@ class ChunkOut:
   diverged: jax.Array
   stream_step: jax.Array
   episode_return: jax.Array
+  speed: jax.Array
   metrics: dict[str, jax.Array]
   agent_metrics: dict[str, jax.Array]
 
@@ -406,6 +408,7 @@ def make_runner(env: env_lib.Env, config: RunnerConfig) -> Runner:
       diverged=cur.diverged,
       stream_step=cur.stream_step,
       episode_return=episode_return,
+      speed=cur.speed,
       metrics=jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics),
       agent_metrics=metrics,
     )

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -77,6 +78,23 @@ def describe_mismatch(saved: dict, current: dict, saved_config=None, config=None
   return "\n".join(lines)
 
 
+def _pack(tree) -> dict:
+  """The non-empty leaves as a flat dict {'00000': leaf, ...} (orbax rejects zero-size arrays,
+  which mjx.Data has); `fingerprint` guards the structure, so leaf order is enough."""
+  leaves = jax.tree.leaves(tree)
+  return {f"{i:05d}": x for i, x in enumerate(leaves) if np.prod(np.shape(x)) > 0}
+
+
+def _unpack(flat: dict, target):
+  """`target`'s structure with the saved leaves; zero-size leaves are rebuilt empty."""
+  leaves, treedef = jax.tree.flatten(target)
+  out = [
+    flat[f"{i:05d}"] if f"{i:05d}" in flat else jax.numpy.zeros(x.shape, x.dtype)
+    for i, x in enumerate(leaves)
+  ]
+  return jax.tree.unflatten(treedef, out)
+
+
 class Checkpointer:
   """Periodic, asynchronous orbax checkpoints of one run (`max_to_keep` newest kept)."""
 
@@ -101,7 +119,9 @@ class Checkpointer:
     meta = dict(meta, fingerprint=fingerprint(state))
     self._manager.save(
       step,
-      args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(_pack(state)), meta=ocp.args.JsonSave(meta)
+      ),
       force=True,
     )
 
@@ -117,7 +137,7 @@ class Checkpointer:
     """
     self._manager.reload()
     current = fingerprint(target)
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    abstract = _pack(jax.tree.map(ocp.utils.to_shape_dtype_struct, target))
     for step in reversed(self.steps()):
       try:
         meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
@@ -127,6 +147,7 @@ class Checkpointer:
         log.warning(
           "checkpoint step %d is unreadable (%s); trying the previous one", step, _short(e)
         )
+        self._set_aside(step)
         continue
       saved = meta.get("fingerprint")
       if saved != current:
@@ -143,9 +164,20 @@ class Checkpointer:
         log.warning(
           "checkpoint step %d is corrupted (%s); trying the previous one", step, _short(e)
         )
+        self._set_aside(step)
         continue
-      return step, state, meta
+      return step, _unpack(state, target), meta
     return None
+
+  def _set_aside(self, step: int) -> None:
+    """Moves a bad step to `corrupted_<step>` (kept for inspection) so the run can redo it."""
+    src = os.path.join(self.directory, str(step))
+    dst = os.path.join(self.directory, f"corrupted_{step}")
+    if os.path.isdir(src):
+      shutil.rmtree(dst, ignore_errors=True)
+      os.replace(src, dst)
+      log.warning("moved the bad checkpoint to %s", dst)
+    self._manager.reload()
 
   def wait(self) -> None:
     """Blocks until every asynchronous save has been written."""

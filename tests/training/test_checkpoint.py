@@ -51,6 +51,10 @@ def test_corrupted_latest_falls_back_to_previous(tmp_path, caplog):
         with open(path, "wb") as f:
           f.write(b"garbage")
     step, state, _ = ck.restore_latest(_state())
+    assert os.path.isdir(os.path.join(tmp_path, "corrupted_2")) and ck.steps() == [1]
+    ck.save(2, _state(offset=5.0), {})  # the resumed run redoes step 2
+    ck.wait()
+    assert ck.steps() == [1, 2]
   assert step == 1
   np.testing.assert_array_equal(state["bias"], [1.0, 1.0])
   assert "step 2 is corrupted" in caplog.text

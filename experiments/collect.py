@@ -1,0 +1,735 @@
+"""Behaviour policies, datasets, evaluation lists and reference returns (PROTOCOL.md).
+
+  python -m experiments.collect --config=experiments/configs/collect.py:smoke --data_dir=runs/data
+
+Runs the stages in PROTOCOL.md's order, each made once (seed 0) and shared by every seed:
+  1. v_max     `v_max` experts (the suite's reward, default morphology) → metadata/v_max.json
+  2. gate      the feasibility gate (specialists at the widest corners) → metadata/gate.json
+  3. behaviour a ξ-conditioned SAC per (distribution, domain); every record it generates is
+               streamed to behaviour/<distribution>/<domain>/stream (a dataset of kind 'behaviour')
+  4. datasets  datasets/<distribution>/<domain>/{mix,medium,expert,random} (mrcom_jax.data)
+  5. lists     5 evaluation scenarios per (domain, setting)            → metadata/eval_lists.json
+  6. random    the uniform policy's return per list scenario → metadata/random_returns.json
+  7. specialists one SAC per list scenario, vmapped per domain → metadata/specialists.json
+Every stage checkpoints (orbax) at its scenario-period boundaries, resumes from there when
+re-run, and is skipped when its output already exists. Later stages read earlier stages' outputs
+from `metadata/`; nothing is written back into a config. SIGTERM / SIGUSR1 stop at the next chunk
+boundary; the stage resumes from its last period checkpoint.
+
+All SAC recipes of a domain go through one program (`mrcom_jax.agents.runner`): reward mode,
+scenarios, the ξ input gate and the mode (train / explore / deterministic / random) are data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+from tqdm import tqdm
+
+from mrcom_jax.agents import runner as runner_lib
+from mrcom_jax.agents import sac as sac_lib
+from mrcom_jax.data import dataset as dataset_lib
+from mrcom_jax.envs import env as env_lib
+from mrcom_jax.envs import scenarios as scen
+from mrcom_jax.envs import specs
+from mrcom_jax.training import checkpoint as checkpoint_lib
+from mrcom_jax.training import logs
+
+DOMAINS = ("hopper", "walker", "cheetah")
+DISTRIBUTIONS = ("narrow", "wide", "narrow_beta0.8", "wide_beta0.8", "fixed")
+DATASET_KINDS = ("mix", "medium", "expert", "random")
+# Evaluation settings of each training distribution (PROTOCOL.md, Settings and Table 2/5).
+EVAL_SETTINGS = {
+  "narrow": ("a", "b"),
+  "wide": ("c", "d"),
+  "narrow_beta0.8": ("a@0.8", "b@0.8"),
+  "wide_beta0.8": ("c@0.8", "d@0.8"),
+  "fixed": ("fixed",),
+}
+STAGES = ("v_max", "gate", "behaviour", "datasets", "lists", "random", "specialists")
+
+
+class StageStopped(RuntimeError):
+  """A signal stopped a stage at a chunk boundary; rerun to resume from its last checkpoint."""
+
+
+# ---- paths and metadata -----------------------------------------------------------------------
+def dataset_path(root: str, distribution: str, domain: str, kind: str) -> str:
+  return os.path.join(root, "datasets", distribution, domain, kind)
+
+
+def dataset_complete(path: str) -> bool:
+  try:
+    dataset_lib.Dataset.open(path)
+  except (FileNotFoundError, ValueError):
+    return False
+  return True
+
+
+def _meta_path(root: str, name: str) -> str:
+  return os.path.join(root, "metadata", f"{name}.json")
+
+
+def read_metadata(root: str, name: str) -> dict:
+  """A stage's metadata (`v_max`, `gate`, `eval_lists`, `random_returns`, `specialists`)."""
+  path = _meta_path(root, name)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} is missing: run `python -m experiments.collect` first")
+  with open(path) as f:
+    return json.load(f)
+
+
+def _write_metadata(root: str, name: str, payload: dict) -> None:
+  os.makedirs(os.path.join(root, "metadata"), exist_ok=True)
+  logs.write_json(_meta_path(root, name), payload)
+
+
+def _has_metadata(root: str, name: str, key: str) -> bool:
+  try:
+    return key in read_metadata(root, name)
+  except FileNotFoundError:
+    return False
+
+
+def _update_metadata(root: str, name: str, key: str, value) -> None:
+  try:
+    payload = read_metadata(root, name)
+  except FileNotFoundError:
+    payload = {}
+  payload[key] = value
+  _write_metadata(root, name, payload)
+
+
+# ---- configuration ----------------------------------------------------------------------------
+def validate(cc) -> None:
+  """Raises ValueError naming the field, before anything is compiled."""
+  for d in cc.domains:
+    if d not in DOMAINS:
+      raise ValueError(f"config.collect.domains has unknown domain {d!r}: choose from {DOMAINS}")
+  for dist in cc.distributions:
+    if dist not in DISTRIBUTIONS:
+      raise ValueError(f"config.collect.distributions has {dist!r}: choose from {DISTRIBUTIONS}")
+  for kind in cc.datasets.kinds:
+    if kind not in DATASET_KINDS:
+      raise ValueError(f"config.collect.datasets.kinds has {kind!r}: choose from {DATASET_KINDS}")
+  if cc.episode_length < 1:
+    raise ValueError(f"config.collect.episode_length={cc.episode_length} must be ≥ 1")
+  if cc.chunk < 1 or (cc.episode_length + 1) % cc.chunk:
+    raise ValueError(
+      f"config.collect.chunk={cc.chunk} must divide episode_length + 1 = {cc.episode_length + 1}"
+    )
+  for name in ("behaviour", "specialist"):
+    r = cc[name]
+    for field in ("num_envs", "env_steps", "updates_per_iter"):
+      if r[field] < 1:
+        raise ValueError(f"config.collect.{name}.{field}={r[field]} must be ≥ 1")
+    if r.sac.batch_size < 1 or r.sac.hidden < 1:
+      raise ValueError(f"config.collect.{name}.sac batch_size and hidden must be ≥ 1")
+  if cc.evaluation.scenarios < 1 or cc.evaluation.episodes < 1:
+    raise ValueError("config.collect.evaluation.scenarios and .episodes must be ≥ 1")
+  known = _all_settings()
+  for setting in cc.evaluation.settings:
+    if setting not in known:
+      raise ValueError(f"config.collect.evaluation.settings has {setting!r}: choose from {known}")
+  if cc.scenario_episodes < 1:
+    raise ValueError(f"config.collect.scenario_episodes={cc.scenario_episodes} must be ≥ 1")
+
+
+def training_distribution(name: str, shrink: float = 0.0) -> scen.ScenarioDistribution:
+  """A training distribution by name; `shrink` (from the gate) narrows the wide δ."""
+  base, _, beta = name.partition("_beta")
+  if base == "fixed":
+    return scen.fixed_dynamics()
+  d = scen.get_distribution("a" if base == "narrow" else "c", "train")
+  if base == "wide" and shrink:
+    d = dataclasses.replace(d, alpha=((d.alpha[0][0] + shrink, d.alpha[0][1] - shrink),))
+  return d.with_beta(float(beta)) if beta else d
+
+
+def evaluation_distribution(setting: str, shrink: float = 0.0) -> scen.ScenarioDistribution:
+  """'a'…'d', 'a@0.8'…, or 'fixed'; `shrink` narrows the out-of-distribution (d) ring."""
+  if setting == "fixed":
+    return scen.fixed_dynamics()
+  base, _, beta = setting.partition("@")
+  d = scen.get_distribution(base, "eval")
+  if base in ("c", "d") and shrink:  # the outer α bounds move inward by `shrink`
+    alpha = tuple(
+      (lo + shrink if lo < 1 else lo, hi - shrink if hi > 1 else hi) for lo, hi in d.alpha
+    )
+    d = dataclasses.replace(d, alpha=alpha)
+  return d.with_beta(float(beta)) if beta else d
+
+
+# ---- the runner programs ------------------------------------------------------------------------
+def recipe(cc, name: str, num_agents: int = 1) -> runner_lib.RunnerConfig:
+  """The RunnerConfig of a recipe ('behaviour' or 'specialist') with `num_agents` SACs."""
+  r = cc[name]
+  iters = iterations(cc, r.num_envs, r.env_steps)
+  return runner_lib.RunnerConfig(
+    domain="",  # filled per domain
+    num_envs=r.num_envs,
+    num_agents=num_agents,
+    chunk=cc.chunk,
+    replay_capacity=iters * r.num_envs,
+    updates_per_iter=r.updates_per_iter,
+    sac=sac_lib.SACConfig(
+      hidden=(r.sac.hidden,) * r.sac.layers, lr=r.sac.lr, batch_size=r.sac.batch_size
+    ),
+  )
+
+
+def iterations(cc, num_envs: int, env_steps: int) -> int:
+  """Control-step iterations for `env_steps`, rounded up to whole scenario periods."""
+  per_episode = cc.episode_length + 1
+  return (
+    period_episodes(cc, num_envs, env_steps) * per_episode * num_periods(cc, num_envs, env_steps)
+  )
+
+
+def _episodes_needed(cc, num_envs: int, env_steps: int) -> int:
+  return math.ceil(env_steps / num_envs / (cc.episode_length + 1))
+
+
+def period_episodes(cc, num_envs: int, env_steps: int) -> int:
+  return min(cc.scenario_episodes, _episodes_needed(cc, num_envs, env_steps))
+
+
+def num_periods(cc, num_envs: int, env_steps: int) -> int:
+  return math.ceil(
+    _episodes_needed(cc, num_envs, env_steps) / period_episodes(cc, num_envs, env_steps)
+  )
+
+
+@functools.cache
+def get_runner(domain: str, rc: runner_lib.RunnerConfig):
+  """One compiled runner per (domain, shapes), shared by every stage that fits it."""
+  return runner_lib.make_runner(env_lib.make_env(domain), dataclasses.replace(rc, domain=domain))
+
+
+def make_params(
+  cc,
+  domain: str,
+  members: list[scen.Scenario],
+  v_max: float,
+  reward_mode: str,
+  stream_offset: int = 0,
+) -> env_lib.EnvParams:
+  """Env params with v* = β · v_max from the metadata (not the env's provisional value)."""
+  env = env_lib.make_env(domain, mass_rule=cc.mass_rule)
+  params = env.make_params(
+    members,
+    reward_mode=reward_mode,
+    seed=cc.seed,
+    stream_offset=stream_offset,
+    episode_length=cc.episode_length,
+  )
+  v_target = jnp.asarray([s.beta * v_max for s in members], jnp.float32)
+  return params.replace(v_target=v_target)
+
+
+def open_writer(path: str, domain: str, kind: str, episode_length: int, info: dict):
+  """A writer continuing the incomplete dataset at `path`, or creating it."""
+  if os.path.exists(os.path.join(path, dataset_lib.META_FILE)):
+    return dataset_lib.DatasetWriter.resume(path)
+  return dataset_lib.DatasetWriter(path, domain, kind, episode_length=episode_length, info=info)
+
+
+# ---- one SAC run (train / generate), checkpointed per period -----------------------------------
+@dataclasses.dataclass
+class Job:
+  """One run of the runner program: who acts, on which scenarios, for how long."""
+
+  name: str
+  domain: str
+  rc: runner_lib.RunnerConfig
+  periods: int
+  period_episodes: int
+  scenarios: callable  # period -> list of A·N scenarios
+  reward_mode: str = "target_speed"
+  mode: int = runner_lib.TRAIN
+  random_steps: int = 0
+  xi_gate: float = 0.0
+  actor: object = None  # actor params every agent acts with (explore jobs from a snapshot)
+  init_state: object = None  # a runner state to continue from (evaluation after training)
+  writer: dataset_lib.DatasetWriter | None = None  # streams every period's records
+  records: dict = dataclasses.field(default_factory=dict)  # extra per-record fields to keep
+
+
+def run_job(cc, job: Job, v_max: float, workdir: str, stop=None, seed: int = 0) -> dict:
+  """Runs (or resumes) a job; returns its result: returns per period and episode, snapshots.
+
+  Checkpoints the runner state after every period in `workdir/checkpoints`; the writer (if any)
+  gets one chunk per period, so a resumed job first drops chunks written after its checkpoint.
+  """
+  runner = get_runner(job.domain, dataclasses.replace(job.rc, domain=""))
+  per_period = job.period_episodes * (cc.episode_length + 1)
+  chunks_per_period = per_period // cc.chunk
+  ctl = runner_lib.make_controls(job.mode, job.random_steps, job.xi_gate)
+  params0 = make_params(cc, job.domain, job.scenarios(0), v_max, job.reward_mode)
+  if job.init_state is not None:
+    state = job.init_state
+  else:
+    state = runner.init(params0, jax.random.PRNGKey(seed))
+  if job.actor is not None:
+    state = runner_lib.Runner.with_actor(state, job.actor)
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=2)
+  result = {"returns": [], "speed": [], "snapshots": []}
+  start = 0
+  restored = ckpt.restore_latest(state)
+  if restored is not None:
+    start, state, meta = restored
+    result = meta["result"]
+  if job.writer is not None:
+    job.writer.truncate_to(start)
+  n_agents, n_envs = job.rc.num_agents, job.rc.num_envs
+  bar = tqdm(
+    total=job.periods * per_period,
+    initial=start * per_period,
+    unit="it",
+    desc=f"{job.name}",
+    dynamic_ncols=True,
+    leave=False,
+  )
+  try:
+    for period in range(start, job.periods):
+      params = make_params(cc, job.domain, job.scenarios(period), v_max, job.reward_mode)
+      outs = []
+      for _ in range(chunks_per_period):
+        if stop:
+          raise StageStopped(f"{job.name}: stopped by {stop.name}; rerun to resume")
+        state, out = runner.run(state, params, ctl)
+        outs.append(jax.device_get(out))
+        bar.update(cc.chunk)
+      cat = {
+        k: np.concatenate([getattr(o, k) for o in outs])
+        for k in ("obs", "action", "reward", "first", "last", "episode_return", "speed")
+      }
+      last = cat["last"]  # [P, A·N]
+      ep_ret = cat["episode_return"].reshape(per_period, n_agents, n_envs)
+      done = last.reshape(per_period, n_agents, n_envs)
+      per_agent = [(ep_ret[:, a][done[:, a]]).tolist() for a in range(n_agents)]
+      result["returns"].append(per_agent)
+      # Mean forward speed per agent over the states of control steps from_step .. L − 1 of
+      # each episode (from L // 5 in episodes shorter than from_step, as in tests).
+      t = np.arange(per_period) % (cc.episode_length + 1)
+      window = (t >= min(cc.v_max.from_step, cc.episode_length // 5)) & (t < cc.episode_length)
+      speed = cat["speed"].reshape(per_period, n_agents, n_envs)[window].mean(axis=(0, 2))
+      result["speed"].append(speed.tolist())
+      if job.mode == runner_lib.TRAIN:
+        # An actor snapshot at every episode boundary of the period, with its mean return.
+        snap_dir = os.path.join(workdir, "snapshots")
+        os.makedirs(snap_dir, exist_ok=True)
+        path = os.path.join(snap_dir, f"period_{period:05d}.npz")
+        flat = jax.tree_util.tree_flatten_with_path(runner_lib.Runner.actor_params(state))[0]
+        np.savez(path, **{jax.tree_util.keystr(p): v for p, v in flat})
+        mean_ret = float(np.mean([r for a in per_agent for r in a])) if last.any() else None
+        result["snapshots"].append({"period": period, "path": path, "mean_return": mean_ret})
+      if job.writer is not None:
+        _write_period(job, cat, period, n_agents * n_envs)
+      ckpt.save(period + 1, state, {"result": result})
+  finally:
+    bar.close()
+    ckpt.close()
+  result["final_state"] = state
+  return result
+
+
+def _write_period(job: Job, cat: dict, period: int, n: int) -> None:
+  """Appends one period's records as n streams (slot-major) to the job's dataset writer."""
+  scen_list = job.scenarios(period)
+  t = lambda x: np.swapaxes(x, 0, 1)  # [P, n, ...] -> [n, P, ...]
+  job.writer.append(
+    obs=t(cat["obs"]).astype(np.float32),
+    action=t(cat["action"]).astype(np.float32),
+    reward=t(cat["reward"]).astype(np.float32),
+    first=t(cat["first"]),
+    last=t(cat["last"]),
+    xi=np.stack([s.descriptor for s in scen_list]).astype(np.float32),
+    stream=np.arange(period * n, (period + 1) * n, dtype=np.int32),
+    step0=np.zeros(n, np.int32),
+  )
+
+
+def load_actor(path: str, like):
+  """An actor snapshot saved by `run_job`, restored into the structure of `like`."""
+  data = np.load(path)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(like)
+  return jax.tree_util.tree_unflatten(treedef, [data[jax.tree_util.keystr(p)] for p, _ in flat])
+
+
+def _rng(cc, *keys) -> np.random.Generator:
+  return np.random.default_rng([cc.seed, *keys])
+
+
+def _draw_period(cc, dist, domain: str, n: int, tag: tuple, period: int) -> list[scen.Scenario]:
+  """The n scenarios of one period: a pure function of (seed, tag, period), so resumes agree."""
+  return dist.sample(_rng(cc, *tag, period), domain, n)
+
+
+def _stage_dir(root: str, *parts: str) -> str:
+  path = os.path.join(root, *parts)
+  os.makedirs(path, exist_ok=True)
+  return path
+
+
+# ---- stages -----------------------------------------------------------------------------------
+def stage_v_max(cc, root: str, domains, stop) -> dict:
+  """1. v_max: experts on the suite's reward at δ = 0; mean v_x over steps 200–999."""
+  for domain in domains:
+    if _has_metadata(root, "v_max", domain):
+      continue
+    if not cc.v_max.measure:
+      value = {"value": float(cc.v_max.provisional[domain]), "source": "provisional (labelled)"}
+      _update_metadata(root, "v_max", domain, value)
+      continue
+    r = cc.behaviour
+    n = r.num_envs
+    default = [scen.Scenario(domain, 1.0, 1.0, 1.0)] * n
+    job = Job(
+      name=f"v_max expert {domain}",
+      domain=domain,
+      rc=recipe(cc, "behaviour"),
+      periods=num_periods(cc, n, r.env_steps),
+      period_episodes=period_episodes(cc, n, r.env_steps),
+      scenarios=lambda p, s=default: s,
+      reward_mode="suite",
+      random_steps=r.random_steps,
+    )
+    workdir = _stage_dir(root, "v_max", domain)
+    trained = run_job(cc, job, 1.0, workdir, stop, seed=cc.seed)
+    evaluation = _evaluate(cc, job, trained["final_state"], 1.0, cc.v_max.episodes, workdir, stop)
+    value = {
+      "value": float(np.mean(evaluation["speed"])),
+      "source": "measured",
+      "deterministic_return": float(np.mean(evaluation["returns"])),
+    }
+    _update_metadata(root, "v_max", domain, value)
+  return read_metadata(root, "v_max")
+
+
+def _evaluate(
+  cc,
+  job: Job,
+  state,
+  v_max: float,
+  episodes: int,
+  workdir: str,
+  stop,
+  mode: int = runner_lib.DETERMINISTIC,
+) -> dict:
+  """Runs a trained job's agents deterministically (or randomly) for ≥ `episodes` episodes."""
+  n_ep = math.ceil(episodes / job.rc.num_envs)
+  ev = dataclasses.replace(
+    job,
+    name=f"{job.name} eval",
+    mode=mode,
+    periods=1,
+    period_episodes=n_ep,
+    init_state=state,
+    writer=None,
+  )
+  out = run_job(cc, ev, v_max, os.path.join(workdir, f"eval_mode{mode}"), stop, seed=cc.seed + 1)
+  returns = [float(np.mean(a)) for a in out["returns"][0]]
+  return {"returns": returns, "speed": out["speed"][0]}
+
+
+def stage_gate(cc, root: str, domains, v_max: dict, stop) -> dict:
+  """2. Feasibility gate: corner specialists must reach ≥ 30% of the default one."""
+  for domain in domains:
+    if _has_metadata(root, "gate", domain):
+      continue
+    if not cc.gate.enabled:
+      _update_metadata(root, "gate", domain, {"enabled": False, "shrink": 0.0, "label": "gate off"})
+      continue
+    shrink, history = 0.0, []
+    while True:
+      lo, hi = cc.gate.alpha[0] + shrink, cc.gate.alpha[1] - shrink
+      corners = [(a, b) for a in (lo, hi) for b in (lo, hi)] + [(1.0, 1.0)]
+      members = [scen.Scenario(domain, a, b, cc.gate.beta) for a, b in corners]
+      ret = _specialists(
+        cc, root, domain, members, v_max[domain]["value"], f"gate_{shrink:.2f}", stop
+      )["returns"]
+      ratios = [r / ret[-1] if ret[-1] > 0 else float("nan") for r in ret[:-1]]
+      ok = all(np.isfinite(x) and x >= cc.gate.threshold for x in ratios)
+      history.append({"alpha": [lo, hi], "returns": ret, "ratios": ratios, "passed": ok})
+      print(
+        f"gate {domain}: α in [{lo:.2f}, {hi:.2f}] ratios {np.round(ratios, 3)} → "
+        f"{'pass' if ok else 'fail'}"
+      )
+      if ok or hi - lo <= 0.4:
+        break
+      shrink += cc.gate.shrink
+    verdict = {"enabled": True, "passed": ok, "shrink": shrink, "history": history}
+    _update_metadata(root, "gate", domain, verdict)
+  return read_metadata(root, "gate")
+
+
+def _specialists(cc, root: str, domain: str, members, v_max: float, tag: str, stop) -> dict:
+  """Trains one specialist per scenario (vmapped) and evaluates each deterministically."""
+  r = cc.specialist
+  n = r.num_envs
+  per_member = [m for m in members for _ in range(n)]
+  job = Job(
+    name=f"specialists {domain} {tag}",
+    domain=domain,
+    rc=recipe(cc, "specialist", len(members)),
+    periods=num_periods(cc, n, r.env_steps),
+    period_episodes=period_episodes(cc, n, r.env_steps),
+    scenarios=lambda p, s=per_member: s,
+    random_steps=r.random_steps,
+  )
+  workdir = _stage_dir(root, "specialists", domain, tag)
+  trained = run_job(cc, job, v_max, workdir, stop, seed=cc.seed + 7)
+  return _evaluate(cc, job, trained["final_state"], v_max, cc.evaluation.episodes, workdir, stop)
+
+
+def stage_behaviour(cc, root: str, domains, v_max: dict, gate: dict, stop) -> None:
+  """3. Behaviour SACs (ξ as input); every record streamed to behaviour/<dist>/<domain>/stream."""
+  r = cc.behaviour
+  for dist_name in cc.distributions:
+    for domain in domains:
+      workdir = _stage_dir(root, "behaviour", dist_name, domain)
+      stream_path = os.path.join(workdir, "stream")
+      if dataset_complete(stream_path) and os.path.exists(os.path.join(workdir, "result.json")):
+        continue
+      dist = training_distribution(dist_name, gate[domain]["shrink"])
+      n = r.num_envs
+      dom_id, dist_id = specs.get_domain(domain).id, DISTRIBUTIONS.index(dist_name)
+      writer = open_writer(
+        stream_path,
+        domain,
+        "behaviour",
+        cc.episode_length,
+        {"distribution": dist.to_dict(), "v_max": v_max[domain], "seed": cc.seed},
+      )
+      job = Job(
+        name=f"behaviour {dist_name}/{domain}",
+        domain=domain,
+        rc=recipe(cc, "behaviour"),
+        periods=num_periods(cc, n, r.env_steps),
+        period_episodes=period_episodes(cc, n, r.env_steps),
+        scenarios=functools.partial(_draw_period, cc, dist, domain, n, (3, dom_id, dist_id)),
+        random_steps=r.random_steps,
+        xi_gate=1.0,
+        writer=writer,
+      )
+      result = run_job(cc, job, v_max[domain]["value"], workdir, stop, seed=cc.seed + 3)
+      writer.close()
+      result.pop("final_state")
+      logs.write_json(os.path.join(workdir, "result.json"), result)
+
+
+def stage_datasets(cc, root: str, domains, v_max: dict, gate: dict, stop) -> None:
+  """4. The mix / medium / expert / random datasets of every (distribution, domain)."""
+  for dist_name in cc.distributions:
+    for domain in domains:
+      behaviour_dir = os.path.join(root, "behaviour", dist_name, domain)
+      stream = dataset_lib.Dataset.open(os.path.join(behaviour_dir, "stream"))
+      with open(os.path.join(behaviour_dir, "result.json")) as f:
+        snapshots = json.load(f)["snapshots"]
+      for kind in cc.datasets.kinds:
+        path = dataset_path(root, dist_name, domain, kind)
+        if dataset_complete(path):
+          continue
+        if kind == "mix":
+          tmp = path + ".partial"
+          shutil.rmtree(tmp, ignore_errors=True)
+          dataset_lib.select_streams(
+            stream, tmp, max_records=cc.datasets.records, rng=_rng(cc, 4, len(dist_name))
+          )
+          shutil.rmtree(path, ignore_errors=True)
+          os.replace(tmp, path)
+          continue
+        _generate(cc, root, dist_name, domain, kind, snapshots, v_max, gate, stop)
+
+
+def _generate(cc, root, dist_name, domain, kind, snapshots, v_max, gate, stop) -> None:
+  """medium / expert (a behaviour snapshot, stochastic) or random (uniform actions) data."""
+  r = cc.behaviour
+  n = r.num_envs
+  dist = training_distribution(dist_name, gate[domain]["shrink"])
+  per_episode = cc.episode_length + 1
+  episodes = math.ceil(cc.datasets.records / (n * per_episode))
+  p_eps = min(cc.scenario_episodes, episodes)
+  info = {"distribution": dist.to_dict(), "v_max": v_max[domain], "seed": cc.seed}
+  actor, mode = None, runner_lib.RANDOM
+  if kind in ("medium", "expert"):
+    final = snapshots[-1]["mean_return"] or 0.0
+    pick = snapshots[-1]
+    if kind == "medium":
+      pick = next(s for s in snapshots if (s["mean_return"] or -np.inf) >= 0.5 * final)
+    info["snapshot"] = pick
+    like = runner_lib.Runner.actor_params(_blank_state(cc, domain, n))
+    actor, mode = load_actor(pick["path"], like), runner_lib.EXPLORE
+  path = dataset_path(root, dist_name, domain, kind)
+  writer = open_writer(path, domain, kind, cc.episode_length, info)
+  dom_id = specs.get_domain(domain).id
+  job = Job(
+    name=f"{kind} {dist_name}/{domain}",
+    domain=domain,
+    rc=recipe(cc, "behaviour"),
+    periods=math.ceil(episodes / p_eps),
+    period_episodes=p_eps,
+    scenarios=functools.partial(
+      _draw_period, cc, dist, domain, n, (5, dom_id, DATASET_KINDS.index(kind))
+    ),
+    mode=mode,
+    actor=actor,
+    writer=writer,
+  )
+  workdir = _stage_dir(root, "generate", dist_name, domain, kind)
+  run_job(cc, job, v_max[domain]["value"], workdir, stop, seed=cc.seed + 5)
+  writer.close()
+
+
+def _blank_state(cc, domain: str, n: int):
+  runner = get_runner(domain, recipe(cc, "behaviour"))
+  members = [scen.Scenario(domain)] * n
+  return jax.eval_shape(
+    runner.init, make_params(cc, domain, members, 1.0, "target_speed"), jax.random.PRNGKey(0)
+  )
+
+
+def stage_lists(cc, root: str, domains, gate: dict) -> dict:
+  """5. Evaluation lists: `scenarios` per (domain, evaluation setting), from a fixed seed."""
+  for domain in domains:
+    if _has_metadata(root, "eval_lists", domain):
+      continue
+    lists = {}
+    for dist_name in cc.distributions:
+      for setting in EVAL_SETTINGS[dist_name]:
+        if cc.evaluation.settings and setting not in cc.evaluation.settings:
+          continue
+        d = evaluation_distribution(setting, gate[domain]["shrink"])
+        rng = np.random.default_rng(
+          [cc.evaluation.seed, specs.get_domain(domain).id, sorted(_all_settings()).index(setting)]
+        )
+        lists[setting] = [
+          dataclasses.asdict(s) for s in d.sample(rng, domain, cc.evaluation.scenarios)
+        ]
+    _update_metadata(root, "eval_lists", domain, lists)
+  return read_metadata(root, "eval_lists")
+
+
+def _all_settings() -> list[str]:
+  return [s for v in EVAL_SETTINGS.values() for s in v]
+
+
+def _list_members(lists: dict, domain: str) -> tuple[list[str], list[scen.Scenario]]:
+  keys, members = [], []
+  for setting, items in lists[domain].items():
+    for i, s in enumerate(items):
+      keys.append(f"{setting}/{i}")
+      members.append(scen.Scenario(**s))
+  return keys, members
+
+
+def stage_random(cc, root: str, domains, lists: dict, v_max: dict, stop) -> dict:
+  """6. The uniform-random policy's mean return on every list scenario."""
+  for domain in domains:
+    if _has_metadata(root, "random_returns", domain):
+      continue
+    keys, members = _list_members(lists, domain)
+    n = cc.specialist.num_envs
+    per_member = [m for m in members for _ in range(n)]
+    job = Job(
+      name=f"random {domain}",
+      domain=domain,
+      rc=recipe(cc, "specialist", len(members)),
+      periods=1,
+      period_episodes=math.ceil(cc.evaluation.episodes / n),
+      scenarios=lambda p, s=per_member: s,
+      mode=runner_lib.RANDOM,
+    )
+    workdir = _stage_dir(root, "random", domain)
+    out = run_job(cc, job, v_max[domain]["value"], workdir, stop, seed=cc.seed + 6)
+    returns = [float(np.mean(a)) for a in out["returns"][0]]
+    _update_metadata(root, "random_returns", domain, dict(zip(keys, returns)))
+  return read_metadata(root, "random_returns")
+
+
+def stage_specialists(cc, root: str, domains, lists: dict, v_max: dict, rand: dict, stop) -> dict:
+  """7. One specialist per list scenario (vmapped per domain); the score's R_ref."""
+  for domain in domains:
+    if _has_metadata(root, "specialists", domain):
+      continue
+    keys, members = _list_members(lists, domain)
+    out = _specialists(cc, root, domain, members, v_max[domain]["value"], "lists", stop)
+    entries = {}
+    for key, r_ref in zip(keys, out["returns"]):
+      r_rand = rand[domain][key]
+      guard = (r_ref - r_rand) <= 0.05 * abs(r_ref)  # also R_ref = R_rand = 0 (score 0/0)
+      entries[key] = {"return": r_ref, "random_return": r_rand, "degenerate": bool(guard)}
+      if guard:
+        print(
+          f"warning: {domain} {key}: specialist {r_ref:.1f} barely beats random {r_rand:.1f}"
+          "; its score will be NaN (PROTOCOL.md score guard)"
+        )
+    _update_metadata(root, "specialists", domain, entries)
+  return read_metadata(root, "specialists")
+
+
+def run(cc, root: str, domains: tuple[str, ...] | None = None) -> dict:
+  """Runs every stage in order (skipping finished ones); returns the metadata."""
+  validate(cc)
+  domains = tuple(domains or cc.domains)
+  os.makedirs(root, exist_ok=True)
+  logs.write_json(os.path.join(root, "collect_config.json"), cc.to_dict())
+  with logs.StopFlag() as stop:
+    v_max = stage_v_max(cc, root, domains, stop)
+    gate = stage_gate(cc, root, domains, v_max, stop)
+    stage_behaviour(cc, root, domains, v_max, gate, stop)
+    stage_datasets(cc, root, domains, v_max, gate, stop)
+    lists = stage_lists(cc, root, domains, gate)
+    rand = stage_random(cc, root, domains, lists, v_max, stop)
+    ref = stage_specialists(cc, root, domains, lists, v_max, rand, stop)
+  meta = {
+    "v_max": v_max,
+    "gate": gate,
+    "eval_lists": lists,
+    "random_returns": rand,
+    "specialists": ref,
+  }
+  return meta
+
+
+def print_metadata(meta: dict) -> None:
+  for domain, v in meta["v_max"].items():
+    print(f"{domain:8s} v_max {v['value']:.2f} m/s ({v['source']})")
+  for domain, entries in meta["specialists"].items():
+    for key, e in entries.items():
+      print(
+        f"{domain:8s} {key:10s} specialist {e['return']:8.1f}  random {e['random_return']:8.1f}"
+      )
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  print_metadata(run(_CONFIG.value, _DATA_DIR.value))
+
+
+def define_flags() -> None:
+  """Command-line flags, defined only when run as a program (so the module imports cleanly)."""
+  global _CONFIG, _DATA_DIR
+  _CONFIG = config_flags.DEFINE_config_file(
+    "config", "experiments/configs/collect.py", "Collection config file (preset after ':')."
+  )
+  _DATA_DIR = flags.DEFINE_string(
+    "data_dir", "runs/data", "Where datasets and metadata are written."
+  )
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

@@ -1,0 +1,318 @@
+"""Pretrains the multi-scenario world model (MrCoM) on behaviour data of every domain.
+
+  python -m experiments.pretrain --config=experiments/configs/meta.py --workdir=runs/meta
+  python -m experiments.pretrain --config=experiments/configs/meta.py:smoke --workdir=runs/smoke
+
+When the configured datasets are missing, the collection stages (`experiments.collect`) run first
+into `<workdir>/data` (or `--config.data.dir`), so one command goes from nothing to a trained
+model. Re-running the same command with the same `--workdir` resumes from the latest valid
+checkpoint and continues exactly; SIGTERM or SIGUSR1 saves a checkpoint and exits cleanly.
+
+The workdir keeps: `config.json` (resolved), `run_info.json` (command lines, versions, devices,
+git revision), `metrics.jsonl` and `tensorboard/` (every loss term, gradient norms, updates/s,
+data wait), `checkpoints/` (orbax) and `summary.json` (held-out prediction errors per domain).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+from tqdm import tqdm
+
+from experiments import collect
+from mrcom_jax.data import dataset as dataset_lib
+from mrcom_jax.data import sampler as sampler_lib
+from mrcom_jax.envs import obs_functions, specs
+from mrcom_jax.training import checkpoint as checkpoint_lib
+from mrcom_jax.training import logs, sharding
+from mrcom_jax.world_model import config as wm_config
+from mrcom_jax.world_model import evaluation
+from mrcom_jax.world_model import model as model_lib
+from mrcom_jax.world_model import train as train_lib
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+  """A loss term became NaN or Inf; the last good checkpoint is kept."""
+
+
+# ---- configuration ----------------------------------------------------------------------------
+def validate(c) -> None:
+  """Raises ValueError naming the field, before any data is made or anything is compiled."""
+  wm = c.world_model
+  checks = [
+    (wm.batch_size > 0, "world_model.batch_size", wm.batch_size, "must be > 0"),
+    (wm.context_len > 0, "world_model.context_len", wm.context_len, "(k) must be > 0"),
+    (wm.seq_len > 0, "world_model.seq_len", wm.seq_len, "(T) must be > 0"),
+    (c.train.num_updates > 0, "train.num_updates", c.train.num_updates, "must be > 0"),
+    (c.train.chunk > 0, "train.chunk", c.train.chunk, "must be > 0"),
+    (c.train.max_to_keep > 0, "train.max_to_keep", c.train.max_to_keep, "must be > 0"),
+    (c.train.num_devices >= 0, "train.num_devices", c.train.num_devices, "must be ≥ 0"),
+    (c.data.holdout_streams >= 0, "data.holdout_streams", c.data.holdout_streams, "must be ≥ 0"),
+    (c.data.normalizer_records > 0, "data.normalizer_records", c.data.normalizer_records, "> 0"),
+    (c.data.prefetch >= 1, "data.prefetch", c.data.prefetch, "must be ≥ 1"),
+    (c.eval.burn_in >= 1, "eval.burn_in", c.eval.burn_in, "must be ≥ 1"),
+    (c.eval.windows >= 1, "eval.windows", c.eval.windows, "must be ≥ 1"),
+    (
+      c.train.checkpoint_every > 0 and c.train.checkpoint_every % c.train.chunk == 0,
+      "train.checkpoint_every", c.train.checkpoint_every,
+      f"must be a positive multiple of train.chunk={c.train.chunk}",
+    ),
+  ]  # fmt: skip
+  for ok, field, value, what in checks:
+    if not ok:
+      raise ValueError(f"config.{field}={value} {what}")
+  for d in c.data.domains:
+    if d not in collect.DOMAINS:
+      raise ValueError(
+        f"config.data.domains has unknown domain {d!r}: choose from {collect.DOMAINS}"
+      )
+  if c.data.distribution not in collect.DISTRIBUTIONS:
+    raise ValueError(
+      f"config.data.distribution={c.data.distribution!r}: choose one of {collect.DISTRIBUTIONS}"
+    )
+  if c.data.kind not in collect.DATASET_KINDS:
+    raise ValueError(f"config.data.kind={c.data.kind!r}: choose one of {collect.DATASET_KINDS}")
+  if c.data.obs_fn not in obs_functions.OBS_FUNCTIONS:
+    raise ValueError(
+      f"config.data.obs_fn={c.data.obs_fn!r}: choose one of {obs_functions.OBS_FUNCTIONS}"
+    )
+  if any(h < 1 for h in c.eval.horizons):
+    raise ValueError(f"config.eval.horizons={tuple(c.eval.horizons)} must all be ≥ 1")
+  if c.train.distributed not in ("auto", "on", "off"):
+    raise ValueError(f"config.train.distributed={c.train.distributed!r}: choose auto, on or off")
+  if c.data.online:
+    raise NotImplementedError(
+      "config.data.online=True: the online data mode of PROTOCOL.md is not implemented yet; "
+      "use the offline datasets (config.data.online=False)"
+    )
+  wm_config.resolve(c.world_model)  # its own checks (mv_mode, ...)
+  collect.validate(c.collect)
+
+
+def maybe_initialize_distributed(mode: str) -> None:
+  """`jax.distributed.initialize()` under Slurm with several tasks or on a multi-host TPU pod."""
+  if mode == "off" or jax.distributed.is_initialized():
+    return
+  multi_slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1
+  multi_tpu = "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+  if mode == "on" or multi_slurm or multi_tpu:
+    jax.distributed.initialize()
+
+
+# ---- data -------------------------------------------------------------------------------------
+def data_dir(c, workdir: str) -> str:
+  return c.data.dir or os.path.join(workdir, "data")
+
+
+def ensure_datasets(c, workdir: str) -> list[dataset_lib.Dataset]:
+  """Opens the configured datasets, running the collection stages first if any is missing."""
+  root = data_dir(c, workdir)
+  paths = [collect.dataset_path(root, c.data.distribution, d, c.data.kind) for d in c.data.domains]
+  if not all(collect.dataset_complete(p) for p in paths):
+    if c.data.distribution not in c.collect.distributions:
+      raise ValueError(
+        f"config.data.distribution={c.data.distribution!r} has no data in {root} and is not in "
+        f"config.collect.distributions={tuple(c.collect.distributions)}; add it there"
+      )
+    if c.data.kind not in c.collect.datasets.kinds:
+      raise ValueError(
+        f"config.data.kind={c.data.kind!r} has no data in {root} and is not in "
+        f"config.collect.datasets.kinds={tuple(c.collect.datasets.kinds)}; add it there"
+      )
+    print(f"datasets missing under {root}: running the collection stages first")
+    collect.run(c.collect, root, domains=tuple(c.data.domains))
+  return [dataset_lib.Dataset.open(p) for p in paths]
+
+
+# ---- training ---------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Run:
+  """What `pretrain` returns: the final state, where it stopped and the summary."""
+
+  state: train_lib.TrainState
+  step: int
+  stopped_by: str | None
+  summary: dict | None
+
+
+def _check_finite(metrics: dict[str, np.ndarray], first_step: int, ckpt_step: int | None, where):
+  for name, values in metrics.items():
+    bad = ~np.isfinite(values)
+    if bad.any():
+      i = int(np.argmax(bad))
+      kept = (
+        f"the last good checkpoint (update {ckpt_step}) is kept in {where}"
+        if ckpt_step is not None
+        else "no checkpoint had been written yet"
+      )
+      raise NonFiniteLossError(
+        f"loss term {name!r} became {values[i]} at update {first_step + i + 1}. Training stopped; "
+        f"{kept}. Lower the learning "
+        "rate (--config.world_model.model_opt.lr / value_opt.lr), raise min_std, or check the "
+        "data for NaNs; rerunning the same command resumes from that checkpoint."
+      )
+
+
+def pretrain(c, workdir: str, *, stop_after: int | None = None, verbose: bool = True) -> Run:
+  """Runs (or resumes) pretraining; returns the final state and the held-out summary.
+
+  Args:
+    c: a `meta.py` config.
+    workdir: run directory.
+    stop_after: stop (with a checkpoint) once this many updates are done, as if pre-empted
+      (tests use it to emulate a kill on a chunk boundary).
+    verbose: progress bar and printed summary.
+  """
+  validate(c)
+  maybe_initialize_distributed(c.train.distributed)
+  os.makedirs(workdir, exist_ok=True)
+  datasets = ensure_datasets(c, workdir)
+  wm = c.world_model
+  mesh = sharding.make_mesh(c.train.num_devices or None)
+  n_dev = mesh.shape[sharding.DATA_AXIS]
+  if wm.batch_size % n_dev:
+    raise ValueError(
+      f"config.world_model.batch_size={wm.batch_size} is not divisible by the {n_dev} devices "
+      f"of the mesh; use a multiple of {n_dev} or set config.train.num_devices"
+    )
+  window = wm.context_len + wm.seq_len
+  sampler = sampler_lib.WindowSampler(
+    datasets, window=window, batch_size=wm.batch_size, obs_fn=c.data.obs_fn, seed=c.seed,
+    mesh=mesh, holdout_streams=c.data.holdout_streams, prefetch=c.data.prefetch,
+  )  # fmt: skip
+  logs.write_run_info(workdir, c, {"mesh": dict(mesh.shape)})
+  normalizer = sampler_lib.fit_normalizer(
+    datasets, c.data.obs_fn, c.seed, num_records=c.data.normalizer_records
+  )
+  state = train_lib.init_train_state(wm, jax.random.PRNGKey(c.seed), normalizer)
+  state = sharding.replicate(state, mesh)
+  ckpt = checkpoint_lib.Checkpointer(
+    os.path.join(workdir, "checkpoints"),
+    max_to_keep=c.train.max_to_keep,
+    async_save=c.train.async_checkpoint,
+  )
+  start = 0
+  restored = ckpt.restore_latest(state, config=c.to_dict())
+  if restored is not None:
+    start, state, _ = restored
+    print(f"resuming from the checkpoint at update {start}")
+  train_step = train_lib.make_train_step(wm, mesh)
+  writer = logs.MetricWriter(workdir, resume_step=start)
+  total = c.train.num_updates
+  step, last_ckpt, stopped_by = start, (start if restored is not None else None), None
+  bar = tqdm(total=total, initial=start, unit="upd", disable=not verbose, dynamic_ncols=True)
+  try:
+    with logs.StopFlag() as stop:
+      batches = sampler.batches(start=start)
+      while step < total:
+        n = min(c.train.chunk, total - step)
+        t0, wait0 = time.perf_counter(), sampler.wait_seconds
+        chunk_metrics = []
+        for _ in range(n):
+          state, metrics = train_step(state, next(batches))
+          chunk_metrics.append(metrics)
+        fetched = jax.device_get(chunk_metrics)
+        elapsed = time.perf_counter() - t0
+        stacked = {k: np.stack([m[k] for m in fetched]) for k in fetched[0]}
+        _check_finite(stacked, step, last_ckpt, ckpt.directory)
+        step += n
+        scalars = {k: float(v.mean()) for k, v in stacked.items()}
+        scalars["updates_per_s"] = n / elapsed
+        scalars["transitions_per_s"] = n * wm.batch_size * wm.seq_len / elapsed
+        scalars["data_wait_fraction"] = (sampler.wait_seconds - wait0) / elapsed
+        writer.write(step, scalars)
+        bar.update(n)
+        bar.set_postfix(loss=f"{scalars['total']:.3f}", ups=f"{scalars['updates_per_s']:.1f}")
+        if stop_after is not None and step >= stop_after:
+          stopped_by = "stop_after"
+        elif stop:
+          stopped_by = stop.name
+        if step % c.train.checkpoint_every == 0 or step == total or stopped_by:
+          ckpt.save(step, state, {"step": step, "data_position": step, "config": c.to_dict()})
+          last_ckpt = step
+        if stopped_by:
+          break
+  finally:
+    bar.close()
+    ckpt.close()
+    writer.close()
+    sampler.close()
+  if stopped_by:
+    print(f"stopped by {stopped_by} at update {step}; checkpoint saved, rerun to resume")
+    return Run(state, step, stopped_by, None)
+  summary = summarise(c, state, sampler, workdir)
+  if verbose:
+    print_summary(summary)
+  return Run(state, step, None, summary)
+
+
+# ---- held-out summary -------------------------------------------------------------------------
+def summarise(c, state: train_lib.TrainState, sampler, workdir: str) -> dict:
+  """One-step and multi-step open-loop prediction error per domain on held-out episodes."""
+  wm = c.world_model
+  world_model = model_lib.make_world_model(wm)
+  variables = jax.device_get(state.variables)
+  horizons = tuple(int(h) for h in c.eval.horizons)
+  burn_in = int(c.eval.burn_in)
+  window = wm.context_len + burn_in + max(horizons)
+  n_domains = len(c.data.domains)
+  batch = sampler.holdout_batch(c.eval.windows * n_domains, window=window, seed=c.seed + 1)
+  batch = jax.device_get(batch)
+  domains = np.asarray(batch.domain)
+  out = {"updates": int(state.step), "windows_per_domain": int(c.eval.windows), "domains": {}}
+  for h in horizons:
+    err = jax.jit(evaluation.open_loop_error, static_argnums=(0, 3, 4))(
+      world_model, variables, batch, burn_in, h, jax.random.PRNGKey(c.seed)
+    )
+    err = np.asarray(err)
+    for d in sorted(set(domains.tolist())):
+      name = specs.DOMAINS[d].name
+      out["domains"].setdefault(name, {})[f"mse_{h}_step"] = float(err[domains == d].mean())
+  metrics = logs.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  if metrics:
+    k = max(1, math.ceil(len(metrics) / 10))
+    out["loss_first"] = float(np.mean([m["total"] for m in metrics[:k]]))
+    out["loss_last"] = float(np.mean([m["total"] for m in metrics[-k:]]))
+  logs.write_json(os.path.join(workdir, "summary.json"), out)
+  return out
+
+
+def print_summary(summary: dict) -> None:
+  print(f"held-out open-loop prediction error (normalised MSE) after {summary['updates']} updates")
+  for name, errs in summary["domains"].items():
+    cols = "  ".join(f"{k.removeprefix('mse_')} {v:.4f}" for k, v in errs.items())
+    print(f"  {name:8s} {cols}")
+  if "loss_first" in summary:
+    print(f"  loss {summary['loss_first']:.3f} (first 10%) → {summary['loss_last']:.3f} (last 10%)")
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  pretrain(_CONFIG.value, _WORKDIR.value)
+
+
+def define_flags() -> None:
+  """Command-line flags, defined only when run as a program (so the module imports cleanly)."""
+  global _CONFIG, _WORKDIR
+  _CONFIG = config_flags.DEFINE_config_file(
+    "config", "experiments/configs/meta.py", "Pretraining config file (preset after ':')."
+  )
+  _WORKDIR = flags.DEFINE_string(
+    "workdir", "runs/meta", "Run directory: checkpoints, metrics, config, summary (and data)."
+  )
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

@@ -1,0 +1,59 @@
+"""Session fixtures of the pipeline tests: one small collect + pretrain run shared by all of them.
+
+`pipeline_config()` is the smoke preset with shorter episodes (50 control steps, 51 records) and
+budgets, so a 2-core CPU runs every stage of PROTOCOL.md's pipeline (behaviour SACs, the `mix`
+dataset, evaluation lists, random returns, specialists, pretraining, checkpoints, summary) in a
+few minutes, most of it compiling one runner program per domain and one world-model update.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pytest
+
+from experiments import pretrain
+from experiments.configs import meta
+
+EPISODE = 50  # control steps per episode in the pipeline tests (51 records)
+
+
+def pipeline_config(**overrides):
+  c = meta.get_config("smoke")
+  c.unlock()
+  cc = c.collect
+  cc.episode_length = EPISODE
+  cc.chunk = EPISODE + 1
+  cc.behaviour.env_steps = 4 * 2 * (EPISODE + 1)  # 2 episodes per slot → streams of 102 records
+  cc.behaviour.random_steps = 200
+  cc.specialist.env_steps = 4 * 2 * (EPISODE + 1)
+  cc.specialist.random_steps = 200
+  c.train.num_updates = 300
+  c.train.chunk = 50
+  c.train.checkpoint_every = 100
+  c.data.prefetch = 2
+  for key, value in overrides.items():
+    node = c
+    *path, leaf = key.split(".")
+    for p in path:
+      node = node[p]
+    node[leaf] = value
+  c.lock()
+  return c
+
+
+@dataclasses.dataclass
+class Pipeline:
+  config: object
+  workdir: str
+  data_dir: str
+  run: pretrain.Run
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory) -> Pipeline:
+  workdir = str(tmp_path_factory.mktemp("pipeline"))
+  c = pipeline_config()
+  run = pretrain.pretrain(c, workdir, verbose=False)
+  return Pipeline(c, workdir, os.path.join(workdir, "data"), run)
