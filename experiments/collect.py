@@ -262,7 +262,6 @@ class Job:
   actor: object = None  # actor params every agent acts with (explore jobs from a snapshot)
   init_state: object = None  # a runner state to continue from (evaluation after training)
   writer: dataset_lib.DatasetWriter | None = None  # streams every period's records
-  records: dict = dataclasses.field(default_factory=dict)  # extra per-record fields to keep
 
 
 def run_job(cc, job: Job, v_max: float, workdir: str, stop=None, seed: int = 0) -> dict:
@@ -333,7 +332,8 @@ def run_job(cc, job: Job, v_max: float, workdir: str, stop=None, seed: int = 0) 
         flat = jax.tree_util.tree_flatten_with_path(runner_lib.Runner.actor_params(state))[0]
         np.savez(path, **{jax.tree_util.keystr(p): v for p, v in flat})
         mean_ret = float(np.mean([r for a in per_agent for r in a])) if last.any() else None
-        result["snapshots"].append({"period": period, "path": path, "mean_return": mean_ret})
+        rel = os.path.relpath(path, workdir)  # relative: the data directory may move
+        result["snapshots"].append({"period": period, "path": rel, "mean_return": mean_ret})
       if job.writer is not None:
         _write_period(job, cat, period, n_agents * n_envs)
       ckpt.save(period + 1, state, {"result": result})
@@ -537,6 +537,8 @@ def stage_datasets(cc, root: str, domains, v_max: dict, gate: dict, stop) -> Non
       stream = dataset_lib.Dataset.open(os.path.join(behaviour_dir, "stream"))
       with open(os.path.join(behaviour_dir, "result.json")) as f:
         snapshots = json.load(f)["snapshots"]
+      for snap in snapshots:
+        snap["path"] = os.path.join(behaviour_dir, snap["path"])
       for kind in cc.datasets.kinds:
         path = dataset_path(root, dist_name, domain, kind)
         if dataset_complete(path):
@@ -544,8 +546,9 @@ def stage_datasets(cc, root: str, domains, v_max: dict, gate: dict, stop) -> Non
         if kind == "mix":
           tmp = path + ".partial"
           shutil.rmtree(tmp, ignore_errors=True)
+          rng = _rng(cc, 4, specs.get_domain(domain).id, DISTRIBUTIONS.index(dist_name))
           dataset_lib.select_streams(
-            stream, tmp, max_records=cc.datasets.records, rng=_rng(cc, 4, len(dist_name))
+            stream, tmp, max_records=cc.datasets.records, rng=rng, info=stream.info
           )
           shutil.rmtree(path, ignore_errors=True)
           os.replace(tmp, path)
@@ -569,7 +572,7 @@ def _generate(cc, root, dist_name, domain, kind, snapshots, v_max, gate, stop) -
     if kind == "medium":
       pick = next(s for s in snapshots if (s["mean_return"] or -np.inf) >= 0.5 * final)
     info["snapshot"] = pick
-    like = runner_lib.Runner.actor_params(_blank_state(cc, domain, n))
+    like = jax.tree.map(lambda x: np.zeros(x.shape[1:], x.dtype), _actor_shapes(cc, domain, n))
     actor, mode = load_actor(pick["path"], like), runner_lib.EXPLORE
   path = dataset_path(root, dist_name, domain, kind)
   writer = open_writer(path, domain, kind, cc.episode_length, info)
@@ -592,12 +595,14 @@ def _generate(cc, root, dist_name, domain, kind, snapshots, v_max, gate, stop) -
   writer.close()
 
 
-def _blank_state(cc, domain: str, n: int):
+def _actor_shapes(cc, domain: str, n: int):
+  """The shapes of one agent's actor params (agent axis first)."""
   runner = get_runner(domain, recipe(cc, "behaviour"))
   members = [scen.Scenario(domain)] * n
-  return jax.eval_shape(
+  state = jax.eval_shape(
     runner.init, make_params(cc, domain, members, 1.0, "target_speed"), jax.random.PRNGKey(0)
   )
+  return state.sac.actor
 
 
 def stage_lists(cc, root: str, domains, gate: dict) -> dict:
@@ -672,8 +677,9 @@ def stage_specialists(cc, root: str, domains, lists: dict, v_max: dict, rand: di
       entries[key] = {"return": r_ref, "random_return": r_rand, "degenerate": bool(guard)}
       if guard:
         print(
-          f"warning: {domain} {key}: specialist {r_ref:.1f} barely beats random {r_rand:.1f}"
-          "; its score will be NaN (PROTOCOL.md score guard)"
+          f"warning: {domain} {key}: the specialist's return {r_ref:.1f} is not 5% above the "
+          f"random return {r_rand:.1f}; this scenario's score will be NaN (PROTOCOL.md score "
+          "guard). A longer specialist budget (config.collect.specialist.env_steps) may fix it."
         )
     _update_metadata(root, "specialists", domain, entries)
   return read_metadata(root, "specialists")
@@ -716,6 +722,7 @@ def print_metadata(meta: dict) -> None:
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logs.quiet_libraries()
   print_metadata(run(_CONFIG.value, _DATA_DIR.value))
 
 

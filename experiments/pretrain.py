@@ -299,6 +299,7 @@ def print_summary(summary: dict) -> None:
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logs.quiet_libraries()
   pretrain(_CONFIG.value, _WORKDIR.value)
 
 

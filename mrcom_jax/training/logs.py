@@ -28,6 +28,15 @@ PACKAGES = (
 )  # fmt: skip
 
 
+def quiet_libraries() -> None:
+  """Silences orbax's and absl's per-save INFO lines unless `--verbosity` was given."""
+  from absl import flags
+  from absl import logging as absl_logging
+
+  if "verbosity" in flags.FLAGS and not flags.FLAGS["verbosity"].present:
+    absl_logging.set_verbosity(absl_logging.WARNING)
+
+
 def versions() -> dict[str, str | None]:
   """Installed versions of the packages a result depends on."""
   out = {"python": platform.python_version()}

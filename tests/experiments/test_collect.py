@@ -1,0 +1,150 @@
+"""Collection stages (experiments.collect) on the pipeline's programs: resume, v_max, datasets."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import collect
+from mrcom_jax.agents import runner as runner_lib
+from mrcom_jax.data import dataset as dataset_lib
+from mrcom_jax.envs import scenarios as scen
+from tests.experiments.conftest import pipeline_config
+
+
+class StopAfter:
+  """A stop flag that turns on after `n` checks (the job checks it before every chunk)."""
+
+  name = "SIGTERM"
+
+  def __init__(self, n: int):
+    self.n = n
+
+  def __bool__(self) -> bool:
+    self.n -= 1
+    return self.n < 0
+
+
+def _job(cc, writer):
+  n = cc.behaviour.num_envs
+  dist = collect.training_distribution("narrow")
+  return collect.Job(
+    name="resume test", domain="cheetah", rc=collect.recipe(cc, "behaviour"), periods=3,
+    period_episodes=1, random_steps=100, xi_gate=1.0, writer=writer,
+    scenarios=functools.partial(collect._draw_period, cc, dist, "cheetah", n, (9,)),
+  )  # fmt: skip
+
+
+def test_collection_stage_resumes_bitwise_after_a_kill(pipeline, tmp_path):
+  cc = pipeline.config.collect
+  runs = {}
+  for name, stops in (("straight", [None]), ("killed", [StopAfter(1), None])):
+    workdir = str(tmp_path / name)
+    path = os.path.join(workdir, "stream")
+    for stop in stops:  # the kill lands inside period 2 (period 1 is checkpointed)
+      writer = collect.open_writer(path, "cheetah", "behaviour", cc.episode_length, {})
+      try:
+        result = collect.run_job(cc, _job(cc, writer), 8.0, workdir, stop=stop, seed=3)
+      except collect.StageStopped:
+        assert writer.num_chunks == 1
+        continue
+      writer.close()
+    runs[name] = (jax.device_get(result.pop("final_state")), result, dataset_lib.Dataset.open(path))
+  (s1, r1, d1), (s2, r2, d2) = runs["straight"], runs["killed"]
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s2)))
+  assert r1 == r2 and len(r1["snapshots"]) == 3
+  assert d1.num_chunks == d2.num_chunks == 3
+  for i in range(3):
+    for field in ("obs", "action", "reward", "first", "last", "xi", "stream"):
+      np.testing.assert_array_equal(getattr(d1.chunk(i), field), getattr(d2.chunk(i), field))
+
+
+def test_v_max_expert_measures_speed(pipeline, tmp_path):
+  c = pipeline_config(**{"collect.v_max.measure": True})
+  meta = collect.stage_v_max(c.collect, str(tmp_path), ("cheetah",), stop=None)
+  v = meta["cheetah"]
+  assert v["source"] == "measured" and np.isfinite(v["value"])
+  assert abs(v["value"]) < 20  # a speed in m/s (the expert is barely trained here)
+  again = collect.stage_v_max(c.collect, str(tmp_path), ("cheetah",), stop=None)
+  assert again == meta  # a finished stage is skipped
+
+
+def test_medium_expert_random_datasets(pipeline, tmp_path):
+  root = str(tmp_path / "data")
+  shutil.copytree(pipeline.data_dir, root)
+  c = pipeline_config(
+    **{
+      "collect.datasets.kinds": ("mix", "medium", "expert", "random"),
+      "collect.datasets.records": 408,
+    }
+  )
+  v_max = collect.read_metadata(root, "v_max")
+  gate = collect.read_metadata(root, "gate")
+  collect.stage_datasets(c.collect, root, ("cheetah",), v_max, gate, stop=None)
+  result = {}
+  for kind in ("medium", "expert", "random"):
+    ds = dataset_lib.Dataset.open(collect.dataset_path(root, "narrow", "cheetah", kind))
+    assert ds.kind == kind and ds.num_records == 408 and ds.episode_length == 50
+    result[kind] = ds
+  expert = result["expert"].info["snapshot"]
+  medium = result["medium"].info["snapshot"]
+  assert expert["period"] >= medium["period"]
+  assert medium["mean_return"] >= 0.5 * expert["mean_return"]
+  actions = np.asarray(result["random"].chunk(0).action)
+  last = np.asarray(result["random"].chunk(0).last)
+  assert np.abs(actions[~last]).max() <= 1 and actions[~last].std() > 0.5  # uniform in [-1, 1]
+
+
+def test_evaluation_lists_are_fixed_and_follow_settings(tmp_path):
+  c = pipeline_config(**{"collect.evaluation.settings": (), "collect.evaluation.scenarios": 5})
+  gate = {"hopper": {"shrink": 0.0}}
+  lists = collect.stage_lists(c.collect, str(tmp_path / "a"), ("hopper",), gate)
+  again = collect.stage_lists(c.collect, str(tmp_path / "b"), ("hopper",), gate)
+  assert lists == again and list(lists["hopper"]) == ["a", "b"]
+  for s in lists["hopper"]["b"]:  # setting (b): α in [0.6, 0.8) ∪ (1.2, 1.4], β outside [0.5, 0.8]
+    for a in (s["alpha_len"], s["alpha_size"]):
+      assert 0.6 <= a < 0.8 or 1.2 < a <= 1.4
+    assert 0.3 <= s["beta"] < 0.5 or 0.8 < s["beta"] <= 1.0
+  for s in lists["hopper"]["a"]:
+    assert 0.8 <= s["alpha_len"] <= 1.2 and 0.5 <= s["beta"] <= 0.8
+
+
+def test_gate_shrink_narrows_wide_ranges():
+  d = collect.training_distribution("wide", shrink=0.1)
+  np.testing.assert_allclose(d.alpha, [(0.7, 1.3)])
+  e = collect.evaluation_distribution("d", shrink=0.1)
+  np.testing.assert_allclose(e.alpha, [(0.5, 0.6), (1.4, 1.5)])
+  assert collect.training_distribution("narrow_beta0.8").beta == ((0.8, 0.8),)
+  assert collect.training_distribution("fixed").alpha == ((1.0, 1.0),)
+
+
+@pytest.mark.parametrize(
+  "override, message",
+  [
+    ({"collect.chunk": 7}, r"config.collect.chunk=7 must divide episode_length \+ 1 = 51"),
+    ({"collect.distributions": ("narrow", "huge")}, r"config.collect.distributions has 'huge'"),
+    ({"collect.behaviour.num_envs": 0}, r"config.collect.behaviour.num_envs=0 must be ≥ 1"),
+    ({"collect.evaluation.settings": ("z",)}, r"config.collect.evaluation.settings has 'z'"),
+  ],
+)
+def test_collect_config_errors_name_the_field(override, message):
+  with pytest.raises(ValueError, match=message):
+    collect.validate(pipeline_config(**override).collect)
+
+
+def test_iterations_round_up_to_whole_periods():
+  c = pipeline_config().collect
+  assert collect.period_episodes(c, 4, 8000) == 5 and collect.num_periods(c, 4, 8000) == 8
+  assert collect.iterations(c, 4, 8000) == 40 * 51  # 2000 steps per slot → 40 whole episodes
+  assert collect.iterations(c, 4, 408) == 2 * 51
+  assert dataclasses.replace(collect.recipe(c, "behaviour"), domain="x").replay_capacity == 408
+  members = [scen.Scenario("cheetah", beta=0.5)] * 4
+  params = collect.make_params(c, "cheetah", members, v_max=6.0, reward_mode="target_speed")
+  np.testing.assert_allclose(np.asarray(params.v_target), 3.0)
+  assert runner_lib.TRAIN == 0
