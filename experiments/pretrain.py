@@ -257,6 +257,9 @@ def pretrain(c, workdir: str, *, stop_after: int | None = None, verbose: bool = 
 
 
 # ---- held-out summary -------------------------------------------------------------------------
+_open_loop_errors = jax.jit(evaluation.open_loop_errors, static_argnums=(0, 3, 4))
+
+
 def summarise(c, state: train_lib.TrainState, sampler, workdir: str) -> dict:
   """One-step and multi-step open-loop prediction error per domain on held-out episodes."""
   wm = c.world_model
@@ -270,11 +273,13 @@ def summarise(c, state: train_lib.TrainState, sampler, workdir: str) -> dict:
   batch = jax.device_get(batch)
   domains = np.asarray(batch.domain)
   out = {"updates": int(state.step), "windows_per_domain": int(c.eval.windows), "domains": {}}
-  for h in horizons:
-    err = jax.jit(evaluation.open_loop_error, static_argnums=(0, 3, 4))(
-      world_model, variables, batch, burn_in, h, jax.random.PRNGKey(c.seed)
+  errors = np.asarray(
+    _open_loop_errors(
+      world_model, variables, batch, burn_in, max(horizons), jax.random.PRNGKey(c.seed)
     )
-    err = np.asarray(err)
+  )  # [rows, max horizon]: one rollout serves every horizon
+  for h in horizons:
+    err = errors[:, :h].mean(axis=1)
     for d in sorted(set(domains.tolist())):
       name = specs.DOMAINS[d].name
       out["domains"].setdefault(name, {})[f"mse_{h}_step"] = float(err[domains == d].mean())

@@ -9,7 +9,7 @@ from mrcom_jax.world_model import batch as batch_lib
 from mrcom_jax.world_model import model as model_lib
 
 
-def open_loop_error(
+def open_loop_errors(
   world_model: model_lib.WorldModel,
   variables,
   batch: batch_lib.Batch,
@@ -17,7 +17,7 @@ def open_loop_error(
   horizon: int,
   key: jax.Array,
 ) -> jax.Array:
-  """Mean squared error of open-loop predictions, in normalised units, per valid entry.
+  """Squared error of each open-loop prediction step, in normalised units, per valid entry.
 
   Filters the first `burn_in` steps of the training window under the posterior (with their
   context windows), then rolls the prior mean out for `horizon` steps under the recorded actions
@@ -33,7 +33,9 @@ def open_loop_error(
     key: PRNG key (posterior samples during the burn-in).
 
   Returns:
-    [B] per-row mean squared error over the predicted steps and valid observation entries.
+    [B, horizon]: per row and predicted step k (1 … horizon), the mean squared error over the
+    valid observation entries. Step k's error does not depend on `horizon` (the prior mean is
+    rolled out deterministically), so one call with the longest horizon serves every shorter one.
   """
   k = world_model.spec.context_len
   state = world_model.start(variables, batch)
@@ -50,4 +52,19 @@ def open_loop_error(
   pred = norm.normalize(out.obs, batch.domain)
   mask = batch.obs_mask[:, None] > 0
   sq = jnp.where(mask, jnp.square(pred - target), 0.0)
-  return jnp.sum(sq, axis=(1, 2)) / (horizon * jnp.sum(batch.obs_mask, axis=1))
+  return jnp.sum(sq, axis=2) / jnp.sum(batch.obs_mask, axis=1)[:, None]
+
+
+def open_loop_error(
+  world_model: model_lib.WorldModel,
+  variables,
+  batch: batch_lib.Batch,
+  burn_in: int,
+  horizon: int,
+  key: jax.Array,
+) -> jax.Array:
+  """Mean squared error of open-loop predictions over `horizon` steps: [B].
+
+  The mean over the first `horizon` entries of `open_loop_errors` (see there for the arguments).
+  """
+  return jnp.mean(open_loop_errors(world_model, variables, batch, burn_in, horizon, key), axis=1)

@@ -21,7 +21,9 @@ from experiments import collect, pretrain
 from mrcom_jax.training import checkpoint, logs
 from tests.experiments.conftest import pipeline_config
 
-LOSS_DROP = 2.0  # the total loss falls by at least this much (nats) over the 300 updates
+# The total loss (Eq. 16) of the first logged 50-update chunk over that of the last falls by at
+# least this factor over the 300 smoke updates (measured: 14.18 → 11.28, a factor 1.26).
+LOSS_FACTOR = 1.15
 
 
 def _same_tree(a, b) -> bool:
@@ -41,7 +43,7 @@ def test_smoke_collects_trains_and_checkpoints(pipeline):
   w = pipeline.workdir
   summary = pipeline.run.summary
   assert pipeline.run.step == 300 and summary["updates"] == 300
-  assert summary["loss_first"] - summary["loss_last"] > LOSS_DROP, summary
+  assert summary["loss_last"] > 0 and summary["loss_first"] / summary["loss_last"] > LOSS_FACTOR
   for domain in ("hopper", "walker", "cheetah"):
     errs = summary["domains"][domain]
     assert set(errs) == {"mse_1_step", "mse_15_step"} and all(np.isfinite(list(errs.values())))
