@@ -723,7 +723,10 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logs.quiet_libraries()
-  print_metadata(run(_CONFIG.value, _DATA_DIR.value))
+  try:
+    print_metadata(run(_CONFIG.value, _DATA_DIR.value))
+  except StageStopped as e:  # SIGTERM / SIGUSR1: the stage's last period checkpoint is kept
+    print(e)
 
 
 def define_flags() -> None:

@@ -305,7 +305,10 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logs.quiet_libraries()
-  pretrain(_CONFIG.value, _WORKDIR.value)
+  try:
+    pretrain(_CONFIG.value, _WORKDIR.value)
+  except collect.StageStopped as e:  # stopped while collecting its data: rerun to resume
+    print(e)
 
 
 def define_flags() -> None:

@@ -148,3 +148,15 @@ def test_iterations_round_up_to_whole_periods():
   params = collect.make_params(c, "cheetah", members, v_max=6.0, reward_mode="target_speed")
   np.testing.assert_allclose(np.asarray(params.v_target), 3.0)
   assert runner_lib.TRAIN == 0
+
+
+@pytest.mark.slow  # compiles a 5-agent specialist program (about a minute on 2 cores)
+def test_gate_records_its_verdict(pipeline, tmp_path):
+  c = pipeline_config(**{"collect.gate.enabled": True, "collect.gate.threshold": 0.0})
+  v_max = {"cheetah": {"value": 8.0, "source": "provisional (labelled)"}}
+  gate = collect.stage_gate(c.collect, str(tmp_path), ("cheetah",), v_max, stop=None)
+  verdict = gate["cheetah"]
+  assert verdict["enabled"] and verdict["shrink"] == 0.0
+  (first,) = verdict["history"]
+  assert first["alpha"] == [0.4, 1.6] and len(first["returns"]) == 5 and len(first["ratios"]) == 4
+  assert verdict["passed"] == all(np.isfinite(first["ratios"]))  # threshold 0: finite ratios pass
