@@ -129,6 +129,11 @@ def ensure_datasets(c, workdir: str) -> list[dataset_lib.Dataset]:
         f"config.data.kind={c.data.kind!r} has no data in {root} and is not in "
         f"config.collect.datasets.kinds={tuple(c.collect.datasets.kinds)}; add it there"
       )
+    if jax.process_count() > 1:
+      raise FileNotFoundError(
+        f"datasets missing under {root}: in a multi-host run, make them first on one host with "
+        "`python -m experiments.collect --data_dir=...` and pass --config.data.dir=..."
+      )
     print(f"datasets missing under {root}: running the collection stages first")
     collect.run(c.collect, root, domains=tuple(c.data.domains))
   return [dataset_lib.Dataset.open(p) for p in paths]
