@@ -119,6 +119,20 @@ def episode_pattern(length: int, episode_length: int) -> tuple[np.ndarray, np.nd
   return j == 0, j == episode_length
 
 
+def chunk_shapes(spec: specs.DomainSpec, streams: int, length: int) -> dict[str, tuple]:
+  """The shape of every field of a chunk of `streams` streams of `length` records."""
+  return {
+    "obs": (streams, length, spec.obs_dim),
+    "action": (streams, length, spec.act_dim),
+    "reward": (streams, length),
+    "first": (streams, length),
+    "last": (streams, length),
+    "xi": (streams, specs.XI_DIM),
+    "stream": (streams,),
+    "step0": (streams,),
+  }
+
+
 def _write_json_atomic(path: str, obj: Any) -> None:
   tmp = os.path.join(os.path.dirname(path), f"{_TMP_PREFIX}{uuid.uuid4().hex}.json")
   with open(tmp, "w") as f:
@@ -252,17 +266,7 @@ class Dataset:
       arrays[name] = np.load(f, mmap_mode="r")
     chunk = Chunk(**arrays)
     s, length = entry["streams"], entry["length"]
-    expected = {
-      "obs": (s, length, self.spec.obs_dim),
-      "action": (s, length, self.spec.act_dim),
-      "reward": (s, length),
-      "first": (s, length),
-      "last": (s, length),
-      "xi": (s, specs.XI_DIM),
-      "stream": (s,),
-      "step0": (s,),
-    }
-    for name, shape in expected.items():
+    for name, shape in chunk_shapes(self.spec, s, length).items():
       if arrays[name].shape != shape:
         raise ValueError(f"{d}/{name}.npy: shape {arrays[name].shape}, {META_FILE} says {shape}")
     return chunk
@@ -435,17 +439,7 @@ class DatasetWriter:
     if arrays["obs"].ndim != 3:
       raise ValueError(f"obs must be [S, L, {spec.obs_dim}], got shape {arrays['obs'].shape}")
     s, length = arrays["obs"].shape[:2]
-    expected = {
-      "obs": (s, length, spec.obs_dim),
-      "action": (s, length, spec.act_dim),
-      "reward": (s, length),
-      "first": (s, length),
-      "last": (s, length),
-      "xi": (s, specs.XI_DIM),
-      "stream": (s,),
-      "step0": (s,),
-    }
-    for name, shape in expected.items():
+    for name, shape in chunk_shapes(spec, s, length).items():
       if arrays[name].shape != shape:
         raise ValueError(f"{name} must have shape {shape} ({spec.name}), got {arrays[name].shape}")
     for name in ("obs", "action", "reward", "xi"):

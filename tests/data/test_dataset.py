@@ -213,3 +213,13 @@ def test_select_streams(tmp_path):
   assert redo.info["selected_streams"] == a
   with pytest.raises(FileExistsError):
     dataset_lib.select_streams(src, tmp_path / "mix0", 100, 0)
+
+
+def test_chunk_shapes_by_hand():
+  from mrcom_jax.envs import specs
+
+  shapes = dataset_lib.chunk_shapes(specs.get_domain("walker"), 3, 42)
+  assert shapes == {
+    "obs": (3, 42, 24), "action": (3, 42, 6), "reward": (3, 42), "first": (3, 42),
+    "last": (3, 42), "xi": (3, 6), "stream": (3,), "step0": (3,),
+  }  # fmt: skip
