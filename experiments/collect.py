@@ -264,6 +264,22 @@ class Job:
   writer: dataset_lib.DatasetWriter | None = None  # streams every period's records
 
 
+def training_job(cc, recipe_name: str, name: str, domain: str, scenarios, num_agents: int = 1,
+                 **kwargs) -> Job:  # fmt: skip
+  """A TRAIN job of recipe 'behaviour' or 'specialist': its program, budget and random steps."""
+  r = cc[recipe_name]
+  return Job(
+    name=name,
+    domain=domain,
+    rc=recipe(cc, recipe_name, num_agents),
+    periods=num_periods(cc, r.num_envs, r.env_steps),
+    period_episodes=period_episodes(cc, r.num_envs, r.env_steps),
+    scenarios=scenarios,
+    random_steps=r.random_steps,
+    **kwargs,
+  )
+
+
 def run_job(cc, job: Job, v_max: float, workdir: str, stop=None, seed: int = 0) -> dict:
   """Runs (or resumes) a job; returns its result: returns per period and episode, snapshots.
 
@@ -274,11 +290,11 @@ def run_job(cc, job: Job, v_max: float, workdir: str, stop=None, seed: int = 0) 
   per_period = job.period_episodes * (cc.episode_length + 1)
   chunks_per_period = per_period // cc.chunk
   ctl = runner_lib.make_controls(job.mode, job.random_steps, job.xi_gate)
-  params0 = make_params(cc, job.domain, job.scenarios(0), v_max, job.reward_mode)
+  params = make_params(cc, job.domain, job.scenarios(0), v_max, job.reward_mode)
   if job.init_state is not None:
     state = job.init_state
   else:
-    state = runner.init(params0, jax.random.PRNGKey(seed))
+    state = runner.init(params, jax.random.PRNGKey(seed))
   if job.actor is not None:
     state = runner_lib.Runner.with_actor(state, job.actor)
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=2)
@@ -301,7 +317,8 @@ def run_job(cc, job: Job, v_max: float, workdir: str, stop=None, seed: int = 0) 
   )
   try:
     for period in range(start, job.periods):
-      params = make_params(cc, job.domain, job.scenarios(period), v_max, job.reward_mode)
+      if period:  # period 0's params were built for init
+        params = make_params(cc, job.domain, job.scenarios(period), v_max, job.reward_mode)
       outs = []
       for _ in range(chunks_per_period):
         if stop:
@@ -335,7 +352,7 @@ def run_job(cc, job: Job, v_max: float, workdir: str, stop=None, seed: int = 0) 
         rel = os.path.relpath(path, workdir)  # relative: the data directory may move
         result["snapshots"].append({"period": period, "path": rel, "mean_return": mean_ret})
       if job.writer is not None:
-        _write_period(job, cat, period, n_agents * n_envs)
+        _write_period(job.writer, cat, np.asarray(params.xi), period)
       ckpt.save(period + 1, state, {"result": result})
   finally:
     bar.close()
@@ -344,17 +361,17 @@ def run_job(cc, job: Job, v_max: float, workdir: str, stop=None, seed: int = 0) 
   return result
 
 
-def _write_period(job: Job, cat: dict, period: int, n: int) -> None:
-  """Appends one period's records as n streams (slot-major) to the job's dataset writer."""
-  scen_list = job.scenarios(period)
+def _write_period(writer, cat: dict, xi: np.ndarray, period: int) -> None:
+  """Appends one period's records as n streams (slot-major), ξ [n, 6] from the env params."""
+  n = xi.shape[0]
   t = lambda x: np.swapaxes(x, 0, 1)  # [P, n, ...] -> [n, P, ...]
-  job.writer.append(
+  writer.append(
     obs=t(cat["obs"]).astype(np.float32),
     action=t(cat["action"]).astype(np.float32),
     reward=t(cat["reward"]).astype(np.float32),
     first=t(cat["first"]),
     last=t(cat["last"]),
-    xi=np.stack([s.descriptor for s in scen_list]).astype(np.float32),
+    xi=xi.astype(np.float32),
     stream=np.arange(period * n, (period + 1) * n, dtype=np.int32),
     step0=np.zeros(n, np.int32),
   )
@@ -392,19 +409,11 @@ def stage_v_max(cc, root: str, domains, stop) -> dict:
       value = {"value": float(cc.v_max.provisional[domain]), "source": "provisional (labelled)"}
       _update_metadata(root, "v_max", domain, value)
       continue
-    r = cc.behaviour
-    n = r.num_envs
-    default = [scen.Scenario(domain, 1.0, 1.0, 1.0)] * n
-    job = Job(
-      name=f"v_max expert {domain}",
-      domain=domain,
-      rc=recipe(cc, "behaviour"),
-      periods=num_periods(cc, n, r.env_steps),
-      period_episodes=period_episodes(cc, n, r.env_steps),
-      scenarios=lambda p, s=default: s,
+    default = [scen.Scenario(domain, 1.0, 1.0, 1.0)] * cc.behaviour.num_envs
+    job = training_job(
+      cc, "behaviour", f"v_max expert {domain}", domain, lambda p, s=default: s,
       reward_mode="suite",
-      random_steps=r.random_steps,
-    )
+    )  # fmt: skip
     workdir = _stage_dir(root, "v_max", domain)
     trained = run_job(cc, job, 1.0, workdir, stop, seed=cc.seed)
     evaluation = _evaluate(cc, job, trained["final_state"], 1.0, cc.v_max.episodes, workdir, stop)
@@ -476,17 +485,14 @@ def stage_gate(cc, root: str, domains, v_max: dict, stop) -> dict:
 
 def _specialists(cc, root: str, domain: str, members, v_max: float, tag: str, stop) -> dict:
   """Trains one specialist per scenario (vmapped) and evaluates each deterministically."""
-  r = cc.specialist
-  n = r.num_envs
-  per_member = [m for m in members for _ in range(n)]
-  job = Job(
-    name=f"specialists {domain} {tag}",
-    domain=domain,
-    rc=recipe(cc, "specialist", len(members)),
-    periods=num_periods(cc, n, r.env_steps),
-    period_episodes=period_episodes(cc, n, r.env_steps),
-    scenarios=lambda p, s=per_member: s,
-    random_steps=r.random_steps,
+  per_member = [m for m in members for _ in range(cc.specialist.num_envs)]
+  job = training_job(
+    cc,
+    "specialist",
+    f"specialists {domain} {tag}",
+    domain,
+    lambda p, s=per_member: s,
+    num_agents=len(members),
   )
   workdir = _stage_dir(root, "specialists", domain, tag)
   trained = run_job(cc, job, v_max, workdir, stop, seed=cc.seed + 7)
@@ -495,7 +501,7 @@ def _specialists(cc, root: str, domain: str, members, v_max: float, tag: str, st
 
 def stage_behaviour(cc, root: str, domains, v_max: dict, gate: dict, stop) -> None:
   """3. Behaviour SACs (ξ as input); every record streamed to behaviour/<dist>/<domain>/stream."""
-  r = cc.behaviour
+  n = cc.behaviour.num_envs
   for dist_name in cc.distributions:
     for domain in domains:
       workdir = _stage_dir(root, "behaviour", dist_name, domain)
@@ -503,7 +509,6 @@ def stage_behaviour(cc, root: str, domains, v_max: dict, gate: dict, stop) -> No
       if dataset_complete(stream_path) and os.path.exists(os.path.join(workdir, "result.json")):
         continue
       dist = training_distribution(dist_name, gate[domain]["shrink"])
-      n = r.num_envs
       dom_id, dist_id = specs.get_domain(domain).id, DISTRIBUTIONS.index(dist_name)
       writer = open_writer(
         stream_path,
@@ -512,17 +517,11 @@ def stage_behaviour(cc, root: str, domains, v_max: dict, gate: dict, stop) -> No
         cc.episode_length,
         {"distribution": dist.to_dict(), "v_max": v_max[domain], "seed": cc.seed},
       )
-      job = Job(
-        name=f"behaviour {dist_name}/{domain}",
-        domain=domain,
-        rc=recipe(cc, "behaviour"),
-        periods=num_periods(cc, n, r.env_steps),
-        period_episodes=period_episodes(cc, n, r.env_steps),
-        scenarios=functools.partial(_draw_period, cc, dist, domain, n, (3, dom_id, dist_id)),
-        random_steps=r.random_steps,
-        xi_gate=1.0,
-        writer=writer,
-      )
+      job = training_job(
+        cc, "behaviour", f"behaviour {dist_name}/{domain}", domain,
+        functools.partial(_draw_period, cc, dist, domain, n, (3, dom_id, dist_id)),
+        xi_gate=1.0, writer=writer,
+      )  # fmt: skip
       result = run_job(cc, job, v_max[domain]["value"], workdir, stop, seed=cc.seed + 3)
       writer.close()
       result.pop("final_state")
