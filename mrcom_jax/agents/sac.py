@@ -10,6 +10,12 @@ Actor and critics read `[o, ξ · xi_gate]`: the clean observation [d_o] and the
 descriptor ξ [6] times a scalar gate given as data (1 for behaviour SACs, which get ξ as input,
 0 for experts and specialists), so one compiled program serves both kinds.
 
+Padded networks (adaptation vmaps one SAC per (scenario, seed) across domains): observations
+padded to `OBS_PAD` and actions to `ACT_PAD`, with `obs_mask` [OBS_PAD] and `act_mask` [ACT_PAD]
+given as data. Masked entries never reach a loss: padded observation entries are zeroed at the
+input, padded action entries are zeroed in every action the critics see, their log-densities are
+left out of log π, and the entropy target is −Σ act_mask (the domain's −d_a).
+
 `init(config, key, obs_dim, act_dim) -> SACState`, `update(config, state, batch, key, xi_gate)
 -> (state, metrics)`, `act(config, actor_params, obs, xi, xi_gate, key)` (a sample) and
 `act(..., key=None)` (deterministic: tanh of the mean). Everything is jittable and vmappable.
@@ -39,7 +45,9 @@ class SACConfig:
   """SAC hyperparameters (PROTOCOL.md recipes; the smoke preset uses hidden=(64, 64), batch 64)."""
 
   hidden: Sequence[int] = (256, 256)  # hidden widths of the actor and of each critic (ReLU)
-  lr: float = 3e-4  # Adam learning rate of actor, critics and temperature
+  lr: float = 3e-4  # Adam learning rate of the temperature (and of actor / critics if unset)
+  actor_lr: float | None = None  # the actor's learning rate; None uses `lr`
+  critic_lr: float | None = None  # the critics' learning rate; None uses `lr`
   batch_size: int = 512  # transitions per update
   discount: float = 0.99  # γ
   tau: float = 0.005  # Polyak rate of the target critics
@@ -151,18 +159,29 @@ def act_dim_of(actor_params: Params) -> int:
   return actor_params["params"]["mlp"]["out"]["bias"].shape[-1] // 2
 
 
-def network_input(obs: jax.Array, xi: jax.Array, xi_gate: jax.Array | float) -> jax.Array:
-  """`[o, ξ · xi_gate]`: obs [..., d_o], xi [..., 6], xi_gate [] -> [..., d_o + 6]."""
+def network_input(
+  obs: jax.Array, xi: jax.Array, xi_gate: jax.Array | float, obs_mask: jax.Array | None = None
+) -> jax.Array:
+  """`[o, ξ · xi_gate]`: obs [..., d_o], xi [..., 6], xi_gate [] -> [..., d_o + 6].
+
+  With `obs_mask` [d_o] (padded networks), masked observation entries are zeroed first.
+  """
+  if obs_mask is not None:
+    obs = obs * obs_mask
   return jnp.concatenate([obs, xi * jnp.asarray(xi_gate, obs.dtype)], axis=-1)
 
 
-def target_entropy(config: SACConfig, act_dim: int) -> float:
-  """H̄: the configured value, or −d_a."""
-  return -float(act_dim) if config.target_entropy is None else float(config.target_entropy)
+def target_entropy(config: SACConfig, act_dim: int, act_mask: jax.Array | None = None):
+  """H̄: the configured value, or −d_a (−Σ act_mask for a padded actor)."""
+  if config.target_entropy is not None:
+    return float(config.target_entropy)
+  return -float(act_dim) if act_mask is None else -jnp.sum(act_mask)
 
 
 # ---- the tanh-Gaussian ------------------------------------------------------------------------
-def tanh_gaussian_log_prob(u: jax.Array, mean: jax.Array, log_std: jax.Array) -> jax.Array:
+def tanh_gaussian_log_prob(
+  u: jax.Array, mean: jax.Array, log_std: jax.Array, act_mask: jax.Array | None = None
+) -> jax.Array:
   """log π(tanh u) for u ~ N(mean, σ²): Σ_j [log N(u_j) − log(1 − tanh² u_j)].
 
   Uses log(1 − tanh² u) = 2 (log 2 − u − softplus(−2u)), which stays finite for large |u|.
@@ -171,6 +190,7 @@ def tanh_gaussian_log_prob(u: jax.Array, mean: jax.Array, log_std: jax.Array) ->
     u: [..., d_a] pre-tanh sample.
     mean: [..., d_a].
     log_std: [..., d_a].
+    act_mask: [d_a] or None; the sum runs over unmasked entries only.
 
   Returns:
     [...] log density of the squashed action a = tanh(u).
@@ -178,11 +198,18 @@ def tanh_gaussian_log_prob(u: jax.Array, mean: jax.Array, log_std: jax.Array) ->
   z = (u - mean) * jnp.exp(-log_std)
   normal = -0.5 * jnp.square(z) - log_std - 0.5 * jnp.log(2.0 * jnp.pi)
   log_det = 2.0 * (jnp.log(2.0) - u - jax.nn.softplus(-2.0 * u))
-  return jnp.sum(normal - log_det, axis=-1)
+  per_dim = normal - log_det
+  if act_mask is not None:
+    per_dim = jnp.where(act_mask > 0, per_dim, 0.0)
+  return jnp.sum(per_dim, axis=-1)
 
 
 def sample_action(
-  config: SACConfig, actor_params: Params, x: jax.Array, key: jax.Array
+  config: SACConfig,
+  actor_params: Params,
+  x: jax.Array,
+  key: jax.Array,
+  act_mask: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """A reparameterised sample and its log-probability.
 
@@ -191,13 +218,15 @@ def sample_action(
     actor_params: actor params.
     x: [..., d_o + 6] network input.
     key: PRNG key.
+    act_mask: [d_a] or None: masked entries of the action are 0 and left out of log π.
 
   Returns:
     action [..., d_a] in (−1, 1) and log π(action) [...].
   """
   mean, log_std = actor_module(config, act_dim_of(actor_params)).apply(actor_params, x)
   u = mean + jnp.exp(log_std) * jax.random.normal(key, mean.shape)
-  return jnp.tanh(u), tanh_gaussian_log_prob(u, mean, log_std)
+  action = jnp.tanh(u) if act_mask is None else jnp.tanh(u) * act_mask
+  return action, tanh_gaussian_log_prob(u, mean, log_std, act_mask)
 
 
 def act(
@@ -207,6 +236,8 @@ def act(
   xi: jax.Array,
   xi_gate: jax.Array | float,
   key: jax.Array | None = None,
+  obs_mask: jax.Array | None = None,
+  act_mask: jax.Array | None = None,
 ) -> jax.Array:
   """The policy's action: a sample (given `key`) or, with `key=None`, tanh of the mean.
 
@@ -217,21 +248,30 @@ def act(
     xi: [..., 6] scenario descriptor.
     xi_gate: [] float, 1 to feed ξ, 0 to hide it.
     key: PRNG key, or None for the deterministic action.
+    obs_mask: [d_o] or None (padded networks: masked entries are zeroed).
+    act_mask: [d_a] or None (padded networks: masked action entries are 0).
 
   Returns:
     [..., d_a] actions in [−1, 1].
   """
-  x = network_input(obs, xi, xi_gate)
+  x = network_input(obs, xi, xi_gate, obs_mask)
   if key is None:
     mean, _ = actor_module(config, act_dim_of(actor_params)).apply(actor_params, x)
-    return jnp.tanh(mean)
-  return sample_action(config, actor_params, x, key)[0]
+    return jnp.tanh(mean) if act_mask is None else jnp.tanh(mean) * act_mask
+  return sample_action(config, actor_params, x, key, act_mask)[0]
 
 
 # ---- init and losses ----------------------------------------------------------------------------
-def _optimizer(config: SACConfig) -> optax.GradientTransformation:
+def _optimizer(lr: float) -> optax.GradientTransformation:
   # Flattened: the same Adam arithmetic in a few fused ops (shorter compiles on CPU).
-  return optax.flatten(optax.adam(config.lr))
+  return optax.flatten(optax.adam(lr))
+
+
+def learning_rates(config: SACConfig) -> tuple[float, float, float]:
+  """(actor, critic, temperature) learning rates: `actor_lr` / `critic_lr` default to `lr`."""
+  actor = config.lr if config.actor_lr is None else config.actor_lr
+  critic = config.lr if config.critic_lr is None else config.critic_lr
+  return actor, critic, config.lr
 
 
 def init(config: SACConfig, key: jax.Array, obs_dim: int, act_dim: int) -> SACState:
@@ -248,15 +288,15 @@ def init(config: SACConfig, key: jax.Array, obs_dim: int, act_dim: int) -> SACSt
   actor = actor_module(config, act_dim).init(key_actor, x)
   critic = critic_module(config).init(key_critic, x, jnp.zeros((1, act_dim), jnp.float32))
   log_alpha = jnp.asarray(jnp.log(config.init_temperature), jnp.float32)
-  opt = _optimizer(config)
+  lr_actor, lr_critic, lr_alpha = learning_rates(config)
   return SACState(
     actor=actor,
     critic=critic,
     target_critic=critic,
     log_alpha=log_alpha,
-    actor_opt=opt.init(actor),
-    critic_opt=opt.init(critic),
-    alpha_opt=opt.init(log_alpha),
+    actor_opt=_optimizer(lr_actor).init(actor),
+    critic_opt=_optimizer(lr_critic).init(critic),
+    alpha_opt=_optimizer(lr_alpha).init(log_alpha),
     step=jnp.zeros((), jnp.int32),
   )
 
@@ -304,9 +344,10 @@ def actor_loss(
   x: jax.Array,
   mask: jax.Array,
   key: jax.Array,
+  act_mask: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """mean_B mask · (α log π(a|s) − min_i Q_i(s, a)), a ~ π (reparameterised); (loss, log π)."""
-  action, log_prob = sample_action(config, actor_params, x, key)
+  action, log_prob = sample_action(config, actor_params, x, key, act_mask)
   q = jnp.min(critic_module(config).apply(critic_params, x, action), axis=-1)
   return _masked_mean(alpha * log_prob - q, mask), log_prob
 
@@ -330,6 +371,8 @@ def update(
   batch: Transition,
   key: jax.Array,
   xi_gate: jax.Array | float = 1.0,
+  obs_mask: jax.Array | None = None,
+  act_mask: jax.Array | None = None,
 ) -> tuple[SACState, dict[str, jax.Array]]:
   """One SAC update: critics, then the Polyak target, then the actor, then the temperature.
 
@@ -339,42 +382,47 @@ def update(
     batch: Transition with leading axis [B].
     key: PRNG key.
     xi_gate: [] float, the ξ gate of the networks' input.
+    obs_mask: [d_o] or None: padded networks zero the masked observation entries.
+    act_mask: [d_a] or None: padded networks zero the masked action entries and leave them out
+      of log π and of the entropy target (see the module docstring).
 
   Returns:
     The new state and scalar metrics: critic_loss, actor_loss, alpha_loss, alpha, entropy, q.
   """
   chex.assert_rank([batch.obs, batch.action, batch.reward, batch.mask], [2, 2, 1, 1])
   act_dim = batch.action.shape[-1]
-  opt = _optimizer(config)
+  lr_actor, lr_critic, lr_alpha = learning_rates(config)
   key_next, key_pi = jax.random.split(key)
   alpha = jnp.exp(state.log_alpha)
-  x = network_input(batch.obs, batch.xi, xi_gate)
-  x_next = network_input(batch.next_obs, batch.xi, xi_gate)
+  x = network_input(batch.obs, batch.xi, xi_gate, obs_mask)
+  x_next = network_input(batch.next_obs, batch.xi, xi_gate, obs_mask)
+  if act_mask is not None:
+    batch = batch.replace(action=batch.action * act_mask)
 
   # Critics.
-  next_action, next_log_prob = sample_action(config, state.actor, x_next, key_next)
+  next_action, next_log_prob = sample_action(config, state.actor, x_next, key_next, act_mask)
   next_q = critic_module(config).apply(state.target_critic, x_next, next_action)
   y = td_target(batch.reward, next_q, next_log_prob, alpha, config.discount)
   (c_loss, q_mean), grads = jax.value_and_grad(critic_loss, has_aux=True)(
     state.critic, config, y, batch, x
   )
-  updates, critic_opt = opt.update(grads, state.critic_opt, state.critic)
+  updates, critic_opt = _optimizer(lr_critic).update(grads, state.critic_opt, state.critic)
   critic = optax.apply_updates(state.critic, updates)
   target_critic = polyak(state.target_critic, critic, config.tau)
 
   # Actor, against the updated critics.
   (a_loss, log_prob), grads = jax.value_and_grad(actor_loss, has_aux=True)(
-    state.actor, config, critic, alpha, x, batch.mask, key_pi
+    state.actor, config, critic, alpha, x, batch.mask, key_pi, act_mask
   )
-  updates, actor_opt = opt.update(grads, state.actor_opt, state.actor)
+  updates, actor_opt = _optimizer(lr_actor).update(grads, state.actor_opt, state.actor)
   actor = optax.apply_updates(state.actor, updates)
 
   # Temperature, from the actor's sampled log-probabilities.
-  h_target = target_entropy(config, act_dim)
+  h_target = target_entropy(config, act_dim, act_mask)
   t_loss, grad = jax.value_and_grad(temperature_loss)(
     state.log_alpha, log_prob, batch.mask, h_target
   )
-  updates, alpha_opt = opt.update(grad, state.alpha_opt, state.log_alpha)
+  updates, alpha_opt = _optimizer(lr_alpha).update(grad, state.alpha_opt, state.log_alpha)
   log_alpha = optax.apply_updates(state.log_alpha, updates)
 
   new = SACState(

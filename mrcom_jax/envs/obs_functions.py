@@ -108,3 +108,54 @@ def apply(fn_id, obs, seed_key, domain: specs.DomainSpec, stream, step, sigma=No
     lambda: mask(fixed_mask_dims(seed_key, domain)),
   )
   return jax.lax.switch(jnp.clip(fn_id, 0, len(OBS_FUNCTIONS) - 1), branches)
+
+
+def reapply_stochastic(fn_id, obs, domain_id, key, seed_key):
+  """The observation function's stochastic part, re-applied to a padded model prediction.
+
+  Imagined observations are decoded means (METHOD.md, Algorithm 2): this adds back what the
+  function draws afresh every step, with the domain given as data, so one program serves padded
+  rows of every domain. `add_gaussian` adds its noise to the suite's entries, `add_distractor`
+  draws its appended entries afresh, `mask_random` zeroes ⌈0.1·d_o⌉ fresh entries and
+  `mask_fixed` zeroes its fixed entries (deterministic, so the prediction's near-zeros become
+  exact); `none` returns the prediction.
+
+  Args:
+    fn_id: int32 scalar (data), an index into OBS_FUNCTIONS.
+    obs: [OBS_PAD] a predicted observation in raw units, zero beyond the domain's width.
+    domain_id: int32 scalar (data), the row's domain.
+    key: PRNG key of this draw.
+    seed_key: PRNG key of the experiment seed (the `mask_fixed` dimensions).
+
+  Returns:
+    [OBS_PAD] float32.
+  """
+  pad = specs.OBS_PAD
+  d_o = jnp.asarray([d.obs_dim for d in specs.DOMAINS])[domain_id]
+  n = jnp.asarray([d.n_extra for d in specs.DOMAINS])[domain_id]
+  sigma = jnp.asarray(np.stack([specs.pad(obs_scale(d.name), pad) for d in specs.DOMAINS]))
+  idx = jnp.arange(pad)
+  suite = idx < d_o
+
+  def mask(dims_rank):  # zero the entries whose rank among the suite's entries is below n
+    return jnp.where(suite & (dims_rank < n), 0.0, obs)
+
+  def random_rank(k):
+    scores = jnp.where(suite, jax.random.uniform(k, (pad,)), 2.0)
+    return jnp.argsort(jnp.argsort(scores))
+
+  def fixed_rank():
+    masks = [
+      jnp.zeros(pad, bool).at[fixed_mask_dims(seed_key, d)].set(True) for d in specs.DOMAINS
+    ]
+    chosen = jnp.stack(masks)[domain_id]
+    return jnp.where(chosen, 0, pad)  # rank 0 (< n) on the fixed entries, pad elsewhere
+
+  branches = (
+    lambda: obs,
+    lambda: obs + GAUSSIAN_SCALE * sigma[domain_id] * jax.random.normal(key, (pad,)),
+    lambda: jnp.where((idx >= d_o) & (idx < d_o + n), jax.random.normal(key, (pad,)), obs),
+    lambda: mask(random_rank(key)),
+    lambda: mask(fixed_rank()),
+  )
+  return jax.lax.switch(jnp.clip(fn_id, 0, len(OBS_FUNCTIONS) - 1), branches).astype(jnp.float32)

@@ -67,6 +67,9 @@ def describe_mismatch(saved: dict, current: dict, saved_config=None, config=None
   if len(lines) > 8:
     lines = [*lines[:8], f"  ... and {len(lines) - 8} more leaves"]
   if saved_config is not None and config is not None:
+    # A run that reads part of another's checkpoint (adaptation restores a pretraining run's
+    # world model) passes only that part: compare the top-level sections it names.
+    saved_config = {k: v for k, v in saved_config.items() if k in config}
     a, b = _flat(saved_config), _flat(config)
     fields = [
       f"  config.{k}: checkpoint {a.get(k)!r}, this run {b.get(k)!r}"

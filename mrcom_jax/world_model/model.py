@@ -7,7 +7,9 @@
 - `observe(variables, state, obs, prev_action, reward, first, valid, key)` -> posterior
   filtering over a sequence, a scan of the one-step posterior;
 - `imagine(variables, state, policy, horizon, key)` / `rollout(variables, state, actions, key)`
-  -> prior rollouts that decode observations and rewards, the context sliding with them.
+  -> prior rollouts that decode observations and rewards, the context sliding with them;
+- `step(variables, state, action, key)` -> one prior step (for callers that write their own
+  rollout loop, e.g. adaptation, which perturbs every decoded observation before acting on it).
 
 A `WorldState` is the model at step t *before* a_t is chosen: the latent s̃_t, the context window
 C_t (the k complete tokens before t) and the pending o_t, r_t whose token waits for a_t.
@@ -193,6 +195,7 @@ class WorldModel:
   observe: Callable[..., tuple[WorldState, Filtered]]
   imagine: Callable[..., tuple[WorldState, Imagined]]
   rollout: Callable[..., tuple[WorldState, Imagined]]
+  step: Callable[..., tuple[WorldState, Imagined]]
 
 
 def make_world_model(config) -> WorldModel:
@@ -346,8 +349,11 @@ def make_world_model(config) -> WorldModel:
     )  # fmt: skip
     return new_state, out
 
-  def imagine_step(variables, state: WorldState, action, key, sample: bool):
-    """One prior step from s̃_t under a_t [B, 6]: returns s̃_{t+1} with ô_{t+1}, r̂_{t+1}."""
+  def imagine_step(variables, state: WorldState, action, key, sample: bool = True):
+    """One prior step from s̃_t under a_t [B, 6]: returns s̃_{t+1} with ô_{t+1}, r̂_{t+1}.
+
+    The Imagined fields are [B, ...] (no time axis): ô_{t+1} in raw units, 0 on padded entries.
+    """
     b = action.shape[0]
     action = jnp.where(state.act_mask > 0, action, 0.0)
     window = state.window.push(state.obs, action, state.reward, state.first, state.valid)
@@ -398,7 +404,7 @@ def make_world_model(config) -> WorldModel:
     state, out = jax.lax.scan(lambda s, x: imagine_step(variables, s, *x, sample), state, xs)
     return state, swap(out)
 
-  return WorldModel(spec, net, init, initial, start, observe, imagine, rollout)
+  return WorldModel(spec, net, init, initial, start, observe, imagine, rollout, imagine_step)
 
 
 def fit_normalizer(variables: Variables, batch: batch_lib.Batch) -> Variables:

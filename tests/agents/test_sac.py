@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 from mrcom_jax.agents import sac
+from mrcom_jax.envs import specs
 
 CONFIG = sac.SACConfig(hidden=(16, 16), batch_size=8)
 D_O, D_A = 5, 3
@@ -122,3 +124,52 @@ def test_deterministic_action_is_tanh_of_mean(state):
   mean, _ = sac.actor_module(CONFIG, D_A).apply(state.actor, x)
   np.testing.assert_allclose(sac.act(CONFIG, state.actor, obs, xi, 1.0), np.tanh(mean), rtol=1e-6)
   assert sac.act_dim_of(state.actor) == D_A
+
+
+def test_padded_entries_never_reach_the_losses():
+  """A padded SAC (obs 8 with 5 valid, actions 4 with 3 valid) ignores its padded entries, and
+  log π and the entropy target count only the valid action entries."""
+  obs_mask, act_mask = jnp.array([1.0] * 5 + [0.0] * 3), jnp.array([1.0, 1.0, 1.0, 0.0])
+  padded = sac.init(CONFIG, jax.random.PRNGKey(0), 8, 4)
+  batch = _batch(jax.random.PRNGKey(5))
+  batch = batch.replace(
+    obs=specs.pad(batch.obs, 8), next_obs=specs.pad(batch.next_obs, 8),
+    action=specs.pad(batch.action, 4),
+  )  # fmt: skip
+  garbage = batch.replace(
+    obs=batch.obs.at[:, 5:].set(7.0), next_obs=batch.next_obs.at[:, 5:].set(-9.0),
+    action=batch.action.at[:, 3].set(0.9),
+  )  # fmt: skip
+  update = jax.jit(
+    lambda s, b: sac.update(CONFIG, s, b, jax.random.PRNGKey(4), 0.0, obs_mask, act_mask)
+  )
+  new_a, m_a = update(padded, batch)
+  new_b, m_b = update(padded, garbage)
+  jax.tree.map(np.testing.assert_array_equal, (new_a, m_a), (new_b, m_b))
+  # unmasked, the garbage changes the losses
+  _, m_c = jax.jit(lambda s, b: sac.update(CONFIG, s, b, jax.random.PRNGKey(4), 0.0))(
+    padded, garbage
+  )
+  assert m_c["critic_loss"] != m_a["critic_loss"]
+  # sampled actions are 0 on the padded entry; log π is the 3-dim density (by hand below)
+  x = sac.network_input(batch.obs, batch.xi, 0.0, obs_mask)
+  action, log_prob = sac.sample_action(CONFIG, padded.actor, x, jax.random.PRNGKey(9), act_mask)
+  assert np.all(np.asarray(action)[:, 3] == 0)
+  mean, log_std = sac.actor_module(CONFIG, 4).apply(padded.actor, x)
+  u = mean + jnp.exp(log_std) * jax.random.normal(jax.random.PRNGKey(9), mean.shape)
+  by_hand = sac.tanh_gaussian_log_prob(u[:, :3], mean[:, :3], log_std[:, :3])
+  np.testing.assert_allclose(log_prob, by_hand, rtol=1e-6)
+  assert float(sac.target_entropy(CONFIG, 4, act_mask)) == -3.0
+
+
+def test_actor_and_critic_learning_rates(state):
+  batch = _batch(jax.random.PRNGKey(5))
+  for field, frozen, moved in (("actor_lr", "actor", "critic"), ("critic_lr", "critic", "actor")):
+    config = dataclasses.replace(CONFIG, **{field: 0.0})
+    assert sac.learning_rates(config)[0 if field == "actor_lr" else 1] == 0.0
+    new, _ = sac.update(config, state, batch, jax.random.PRNGKey(4))
+    same = jax.tree.leaves(getattr(new, frozen)), jax.tree.leaves(getattr(state, frozen))
+    assert all(np.array_equal(a, b) for a, b in zip(*same))
+    changed = jax.tree.leaves(getattr(new, moved)), jax.tree.leaves(getattr(state, moved))
+    assert not all(np.array_equal(a, b) for a, b in zip(*changed))
+  assert sac.learning_rates(CONFIG) == (CONFIG.lr, CONFIG.lr, CONFIG.lr)

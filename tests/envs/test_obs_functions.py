@@ -109,3 +109,28 @@ def test_scale_table_recomputes_to_the_shipped_values():
   fresh = obs_scale.compute_table()
   for d in specs.DOMAIN_NAMES:
     np.testing.assert_allclose(fresh["sigma"][d], of.obs_scale(d), rtol=1e-3, atol=1e-5)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _reapply(fn_id, obs, domain_id, step):
+  return of.reapply_stochastic(fn_id, obs, domain_id, jax.random.PRNGKey(step), SEED)
+
+
+@pytest.mark.parametrize("domain", specs.DOMAINS, ids=lambda d: d.name)
+def test_reapply_stochastic_on_padded_predictions(domain):
+  """The stochastic part of each function, with the domain as data, on a padded prediction."""
+  d_o, n = domain.obs_dim, domain.n_extra
+  pred = specs.pad_obs(jnp.arange(1.0, d_o + 1.0))
+  many = lambda f, k=200: np.stack([np.asarray(_reapply(f, pred, domain.id, s)) for s in range(k)])
+  np.testing.assert_array_equal(many(0, 1)[0], pred)
+  noise = many(1)[:, :d_o] - np.asarray(pred)[:d_o]
+  sigma = of.obs_scale(domain.name)
+  np.testing.assert_allclose(noise.std(axis=0) / (0.1 * sigma), 1.0, atol=0.25)
+  assert np.all(many(1, 2)[:, d_o:] == 0)
+  extra = many(2)
+  np.testing.assert_array_equal(extra[:, :d_o], np.broadcast_to(pred[:d_o], (200, d_o)))
+  assert abs(extra[:, d_o : d_o + n].std() - 1) < 0.15 and np.all(extra[:, d_o + n :] == 0)
+  masked = many(3, 50)[:, :d_o] == 0
+  assert np.all(masked.sum(axis=1) == n) and len({tuple(np.flatnonzero(z)) for z in masked}) > 5
+  fixed = np.flatnonzero(many(4, 1)[0][:d_o] == 0)
+  np.testing.assert_array_equal(fixed, np.sort(np.asarray(of.fixed_mask_dims(SEED, domain))))

@@ -132,3 +132,18 @@ def test_rollout_is_deterministic_without_sampling(world_model, variables, batch
   _, c = rollout(variables, s, actions, jax.random.key(2), True)
   np.testing.assert_array_equal(a.obs, b.obs)
   assert np.abs(np.asarray(a.obs) - np.asarray(c.obs)).max() > 1e-3
+
+
+def test_step_is_one_step_of_rollout(world_model, variables, batch):
+  """`step` (adaptation's rollout loop) is exactly `rollout`'s step under the same key."""
+  s = world_model.start(variables, batch)
+  actions = jnp.ones((8, 2, 6)) * 0.3
+  key = jax.random.key(3)
+  s_roll, out = jax.jit(world_model.rollout)(variables, s, actions, key)
+  keys = jax.random.split(key, 2)
+  step = jax.jit(world_model.step)
+  s1, one = step(variables, s, actions[:, 0], keys[0])
+  s2, two = step(variables, s1, actions[:, 1], keys[1])
+  np.testing.assert_allclose(one.obs, out.obs[:, 0], atol=1e-6)
+  np.testing.assert_allclose(two.reward, out.reward[:, 1], atol=1e-6)
+  np.testing.assert_allclose(s2.latent.feat, s_roll.latent.feat, atol=1e-6)
