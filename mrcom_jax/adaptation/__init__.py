@@ -1,0 +1,1 @@
+"""Scenario adaptation (METHOD.md, Algorithm 2)."""

@@ -1,0 +1,132 @@
+"""The adaptation program without a world model: learning, schedules, vmap over seeds, resume.
+
+Measured here (2-core CPU, seeds 0-3, evaluations of 2 episodes every 500 real steps): the
+uniform-random return is 1.5-4.0 per 250-step cheetah episode at β = 0.5 (v* = 0.5 · v_max).
+Plain SAC (2×64, batch 64, actor lr 1e-4, critic lr 2e-4, 2 updates per real step) peaks at a
+mean over two seeds of 18.9 (seeds 0, 1, at 1,500 steps) and 15.1 (seeds 2, 3, at 3,000 steps),
+6-7× random, then falls back towards random by 6,000 steps while its soft Q keeps rising. The
+runner's SAC (tests/agents) does the same with one env and these settings, so this is SAC at
+this budget, not the program. The test asserts that the return *reaches* 3× random within 3,000
+real steps: the best evaluation's mean over both seeds.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from mrcom_jax.adaptation import program as program_lib
+from mrcom_jax.training import checkpoint as checkpoint_lib
+from tests.adaptation.conftest import params_for
+
+
+def _leaves(tree):
+  return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
+
+
+def _same(a, b) -> bool:
+  la, lb = _leaves(a), _leaves(b)
+  return len(la) == len(lb) and all(np.array_equal(x, y) for x, y in zip(la, lb))
+
+
+def _copy(tree):
+  return jax.tree.map(lambda x: np.array(x), jax.device_get(tree))
+
+
+def _train(program, state, params, chunks):
+  for _ in range(chunks):
+    state, out = program.run(state, params, program_lib.TRAIN)
+  return state, out
+
+
+def test_plain_sac_learns_and_follows_the_schedule(plain2):
+  params = params_for(plain2, (0, 1))
+  state = plain2.init(params)
+  before = _copy(state)
+  state, random_returns = plain2.evaluate(state, params, 2, random=True)
+  assert _same(state, before)  # evaluating sets the training episode aside and restores it
+  steps, chunk = plain2.spec.real_steps, plain2.spec.chunk
+  curve = []
+  for i in range(steps // chunk):
+    state, out = plain2.run(state, params, program_lib.TRAIN)
+    if (i + 1) % 2 == 0:
+      state, returns = plain2.evaluate(state, params, 2, tag=i)
+      curve.append(returns.mean())
+  assert plain2.real_steps(state) == steps and int(state.records) == 8 + steps
+  # updates_per_step updates at every real step once update_after (50) transitions exist
+  np.testing.assert_array_equal(np.asarray(state.sac.step), 2 * (steps - 50))
+  assert np.all(np.asarray(out.sac["updates"]) == 2)
+  print(f"random {random_returns}, evaluations {np.round(curve, 2)}")
+  assert np.all(random_returns > 0)
+  assert max(curve) >= 3 * random_returns.mean()
+  assert plain2.compiles() == 1  # train and both evaluation modes share one program
+
+
+def test_the_stream_is_the_real_buffer(plain2):
+  """Stream slots k.. hold every real record in order; the slots before stay empty."""
+  params = params_for(plain2, (0, 1))
+  state = plain2.init(params)
+  state, out_a = plain2.run(state, params, program_lib.TRAIN)
+  state, out_b = plain2.run(state, params, program_lib.TRAIN)
+  s = jax.device_get(state.stream)
+  k, n = 8, 2 * plain2.spec.chunk  # 500 records: one whole 251-record episode and the next
+  cat = lambda name: np.concatenate([getattr(out_a, name), getattr(out_b, name)]).T
+  np.testing.assert_array_equal(s.reward[:, k : k + n], cat("reward"))
+  np.testing.assert_array_equal(s.first[:, k : k + n], cat("first"))
+  assert s.first[:, k].all() and not s.obs[:, :k].any() and not s.obs[:, k + n :].any()
+  assert np.all(s.obs[:, k : k + n, 17:] == 0) and s.obs[:, k : k + n, :17].any()
+  # a `last` record's action is 0 (the env ignores it and starts a new episode)
+  last = s.last[:, k : k + n]
+  assert last.sum() == 2 and last[:, 250].all() and s.first[:, k + 251].all()
+  assert np.all(s.action[:, k : k + n][last] == 0)
+
+
+def _relative(a, b) -> float:
+  """‖a − b‖ / ‖b‖ over a whole parameter tree."""
+  la, lb = _leaves(a), _leaves(b)
+  diff = np.sqrt(sum(np.sum((x - y) ** 2) for x, y in zip(la, lb)))
+  return float(diff / np.sqrt(sum(np.sum(y**2) for y in lb)))
+
+
+def test_vmap_over_seeds_equals_one_by_one(plain2, plain1):
+  """Two seeds in one call against each run alone, by PROTOCOL.md's equality.
+
+  Parameters: within 1e-5 relative after the first 100 updates. The MJX batch of two and the
+  batch of one differ in the last bits (4e-5 in observations after 250 steps, within the 1e-4
+  state tolerance), so this part runs 25-record episodes, PROTOCOL.md's horizon for state
+  equality; measured 4.8e-6 relative with 250-step episodes, far less with these. Then whole
+  runs (1,500 real steps of 250-step episodes) by their final mean return, within 10%.
+  """
+  for episode_length, chunks in ((24, 1), (250, 6)):
+    kw = dict(update_after=200, episode_length=episode_length)
+    together_params = params_for(plain2, (0, 1), **kw)
+    alone_params = [params_for(plain1, (s,), **kw) for s in (0, 1)]
+    together, _ = _train(plain2, plain2.init(together_params), together_params, chunks)
+    alone = [_train(plain1, plain1.init(p), p, chunks)[0] for p in alone_params]
+    if chunks == 1:
+      assert np.all(np.asarray(together.sac.step) == 100)
+      for i, a in enumerate(alone):
+        mine = jax.tree.map(lambda x, i=i: x[i], together.sac)
+        err = _relative(mine, jax.tree.map(lambda x: x[0], a.sac))
+        print(f"seed {i}: relative parameter difference after 100 updates {err:.2e}")
+        assert err <= 1e-5
+      continue
+    _, r_together = plain2.evaluate(together, together_params, 2)
+    r_alone = np.concatenate([plain1.evaluate(a, p, 2)[1] for a, p in zip(alone, alone_params)])
+    print(f"final returns: together {r_together}, alone {r_alone}")
+    assert abs(r_together.mean() - r_alone.mean()) <= 0.1 * abs(r_alone.mean())
+
+
+def test_stop_and_resume_equals_an_uninterrupted_run(plain2, tmp_path):
+  params = params_for(plain2, (0, 1), random_steps=100, update_after=100)
+  straight, _ = _train(plain2, plain2.init(params), params, 3)
+  first, _ = _train(plain2, plain2.init(params), params, 1)
+  with checkpoint_lib.Checkpointer(str(tmp_path), async_save=False) as ckpt:
+    ckpt.save(250, first, {"real_steps": 250})
+  del first
+  with checkpoint_lib.Checkpointer(str(tmp_path), async_save=False) as ckpt:
+    step, resumed, _ = ckpt.restore_latest(plain2.init(params))
+  assert step == 250
+  resumed, _ = _train(plain2, resumed, params, 2)
+  assert _same(resumed, straight)
+  assert plain2.compiles() == 1
