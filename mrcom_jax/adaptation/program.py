@@ -513,7 +513,9 @@ def make_program(
     idx = t[:, None] - 2 * k + 1 + jnp.arange(2 * k)[None]  # [S, 2k]
     valid = idx >= params.stream_start
     gi = jnp.clip(idx, 0, cap_l - 1)
-    take = lambda x: jnp.where(valid.reshape(valid.shape + (1,) * (x.ndim - 1)), x[gi], 0)
+    take = lambda x: jnp.where(
+      valid.reshape(valid.shape + (1,) * (x.ndim - 1)), x[gi], jnp.zeros((), x.dtype)
+    )
     obs, action, reward, first = (take(x) for x in (stream_p.obs, stream_p.action,
                                                    stream_p.reward, stream_p.first))  # fmt: skip
     batch = batch_lib.Batch(

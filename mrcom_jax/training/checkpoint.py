@@ -118,8 +118,13 @@ class Checkpointer:
     return sorted(self._manager.all_steps())
 
   def save(self, step: int, state, meta: dict) -> None:
-    """Saves `state` and `meta` (plus the state's fingerprint) as `step`; returns at once."""
+    """Saves `state` and `meta` (plus the state's fingerprint) as `step`; returns at once.
+
+    The asynchronous write reads a device copy of `state`, so the caller may donate `state` to
+    its next jitted step right away (the copy is freed when the write completes).
+    """
     meta = dict(meta, fingerprint=fingerprint(state))
+    state = jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, state)
     self._manager.save(
       step,
       args=ocp.args.Composite(

@@ -1,0 +1,488 @@
+"""Adapts policies to target scenarios with the pretrained world model (METHOD.md, Algorithm 2).
+
+  python -m experiments.adapt --config=experiments/configs/adapt.py --workdir=runs/adapt_a \
+      --config.pretrain.workdir=runs/meta
+  python -m experiments.adapt --config=experiments/configs/adapt.py:smoke --workdir=runs/smoke_adapt
+  python -m experiments.adapt --config=experiments/configs/adapt.py:smoke --workdir=runs/explicit \
+      --config.target.domain=hopper --config.target.alpha_len=1.3 --config.target.beta=0.6
+
+Every (target scenario, seed) pair adapts in one jitted program (`mrcom_jax.adaptation.program`);
+this loop only logs, evaluates and checkpoints. Re-running the same command with the same
+`--workdir` resumes from the latest checkpoint and continues exactly; SIGTERM or SIGUSR1 saves a
+checkpoint and exits cleanly.
+
+The workdir keeps `config.json`, `run_info.json`, `metrics.jsonl` and `tensorboard/` (SAC losses,
+training returns per domain, rollout statistics, real steps/s), `checkpoints/` (orbax),
+`results.json` (one row per scenario × seed with its resolved scenario, returns, normalised score
+and learning curve; scores per (domain, setting, seed) and their mean ± std over seeds) and
+`learning_curves.png`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+from tqdm import tqdm
+
+from experiments import collect
+from mrcom_jax.adaptation import program as program_lib
+from mrcom_jax.adaptation import results as results_lib
+from mrcom_jax.agents import sac as sac_lib
+from mrcom_jax.envs import env as env_lib
+from mrcom_jax.envs import obs_functions, specs
+from mrcom_jax.envs import scenarios as scen
+from mrcom_jax.training import checkpoint as checkpoint_lib
+from mrcom_jax.training import logs
+from mrcom_jax.world_model import config as wm_config
+from mrcom_jax.world_model import model as model_lib
+from mrcom_jax.world_model import train as train_lib
+
+
+class NonFiniteLossError(RuntimeError):
+  """A SAC loss or an imagined quantity became NaN or Inf; the last good checkpoint is kept."""
+
+
+# ---- configuration ----------------------------------------------------------------------------
+def validate(c) -> None:
+  """Raises ValueError naming the field, before anything is loaded or compiled."""
+  a, r = c.adapt, c.run
+  checks = [
+    (len(c.seeds) > 0, "seeds", c.seeds, "needs at least one seed"),
+    (a.real_steps > 0, "adapt.real_steps", a.real_steps, "must be > 0"),
+    (a.updates_per_step > 0, "adapt.updates_per_step", a.updates_per_step, "must be > 0"),
+    (0 <= a.real_ratio <= 1, "adapt.real_ratio", a.real_ratio, "must be in [0, 1]"),
+    (a.update_after >= 2, "adapt.update_after", a.update_after, "must be ≥ 2"),
+    (c.eval.episodes > 0, "eval.episodes", c.eval.episodes, "must be > 0"),
+    (c.target.scenarios > 0, "target.scenarios", c.target.scenarios, "must be > 0"),
+    (c.target.episode_length > 0, "target.episode_length", c.target.episode_length, "> 0"),
+    (r.chunk > 0, "run.chunk", r.chunk, "must be > 0"),
+  ]
+  for name in ("real_steps", "checkpoint_every"):
+    value = a.real_steps if name == "real_steps" else r.checkpoint_every
+    field = f"adapt.{name}" if name == "real_steps" else f"run.{name}"
+    checks.append(
+      (value % r.chunk == 0, field, value, f"must be a multiple of run.chunk={r.chunk}")
+    )
+  checks.append(
+    (
+      c.eval.every > 0 and c.eval.every % r.chunk == 0, "eval.every", c.eval.every,
+      f"must be a positive multiple of run.chunk={r.chunk}",
+    )
+  )  # fmt: skip
+  for ok, field, value, what in checks:
+    if not ok:
+      raise ValueError(f"config.{field}={value!r} {what}")
+  domains = (c.target.domain,) if c.target.domain else tuple(c.target.domains)
+  for d in domains:
+    if d not in collect.DOMAINS:
+      raise ValueError(f"config.target domain {d!r} is unknown: choose from {collect.DOMAINS}")
+  if not c.target.domain and c.target.setting not in collect._all_settings():
+    raise ValueError(
+      f"config.target.setting={c.target.setting!r}: choose one of {collect._all_settings()}"
+    )
+  if c.target.obs_fn not in obs_functions.OBS_FUNCTIONS:
+    raise ValueError(
+      f"config.target.obs_fn={c.target.obs_fn!r}: choose one of {obs_functions.OBS_FUNCTIONS}"
+    )
+  if c.adapt.finetune_world_model:
+    raise NotImplementedError(
+      "config.adapt.finetune_world_model=True: fine-tuning the world model during adaptation is "
+      "not implemented yet; the paper's protocol (and this default) adapts with the pretrained "
+      "model: set it to False"
+    )
+  wm_config.resolve(c.world_model)
+
+
+def make_spec(c, domains: tuple[tuple[str, int], ...], behaviour_sac) -> program_lib.AdaptSpec:
+  a = c.adapt
+  return program_lib.AdaptSpec(
+    domains=domains,
+    context_len=c.world_model.context_len,
+    real_steps=a.real_steps,
+    chunk=c.run.chunk,
+    updates_per_step=a.updates_per_step,
+    sac=sac_lib.SACConfig(
+      hidden=(a.sac.hidden,) * a.sac.layers,
+      lr=a.sac.alpha_lr,
+      actor_lr=a.sac.actor_lr,
+      critic_lr=a.sac.critic_lr,
+      batch_size=a.sac.batch_size,
+      discount=a.sac.discount,
+    ),
+    real_ratio=a.real_ratio if a.model_rollouts else 1.0,
+    model_rollouts=a.model_rollouts,
+    rollout_every=a.rollout.every,
+    rollout_start=a.rollout.start,
+    rollout_starts=a.rollout.starts,
+    horizon=a.rollout.horizon,
+    keep_rounds=a.rollout.keep_rounds,
+    prompt=a.prompt,
+    behaviour_sac=behaviour_sac,
+  )
+
+
+# ---- the pretraining run: its config, data, world model and behaviour experts -----------------
+@dataclasses.dataclass
+class Pretrained:
+  """What adaptation takes from a pretraining run."""
+
+  workdir: str
+  config: dict  # the pretraining run's config.json
+  data_dir: str
+  metadata: dict  # v_max, eval_lists, random_returns, specialists (those present)
+
+
+def open_pretrained(c) -> Pretrained:
+  workdir = os.path.abspath(c.pretrain.workdir)
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+      f"no pretraining run at {workdir} (config.json is missing): run `python -m "
+      f"experiments.pretrain --workdir={c.pretrain.workdir}` first, or point "
+      "--config.pretrain.workdir at an existing run"
+    )
+  with open(path) as f:
+    config = json.load(f)
+  data_dir = c.data_dir or config["data"]["dir"] or os.path.join(workdir, "data")
+  metadata = {}
+  for name in ("v_max", "eval_lists", "random_returns", "specialists"):
+    try:
+      metadata[name] = collect.read_metadata(data_dir, name)
+    except FileNotFoundError:
+      if name in ("v_max", "eval_lists"):
+        raise
+  return Pretrained(workdir, config, data_dir, metadata)
+
+
+def load_world_model(c, pre: Pretrained):
+  """The world-model variables of the pretraining run's latest checkpoint (on this device).
+
+  Raises:
+    CheckpointMismatchError: the checkpoint is not shaped like `config.world_model`; the message
+      names the leaves and the config fields that differ.
+  """
+  template = jax.eval_shape(
+    lambda: train_lib.init_train_state(c.world_model, jax.random.PRNGKey(0))
+  )
+  ckpt_dir = os.path.join(pre.workdir, "checkpoints")
+  with checkpoint_lib.Checkpointer(ckpt_dir, async_save=False) as ckpt:
+    restored = ckpt.restore_latest(
+      jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), template),
+      config={"world_model": c.world_model.to_dict()},
+    )
+  if restored is None:
+    raise FileNotFoundError(
+      f"no pretraining checkpoint in {ckpt_dir}: run `python -m experiments.pretrain "
+      f"--workdir={pre.workdir}` first"
+    )
+  step, state, _ = restored
+  return step, jax.device_put(state.variables)
+
+
+def behaviour_sac_config(pre: Pretrained) -> sac_lib.SACConfig:
+  b = pre.config["collect"]["behaviour"]["sac"]
+  return sac_lib.SACConfig(hidden=(b["hidden"],) * b["layers"], batch_size=b["batch_size"])
+
+
+def load_behaviour_actor(pre: Pretrained, domain: str, bcfg: sac_lib.SACConfig):
+  """The behaviour SAC's final actor (the expert that the prompt runs), as numpy params."""
+  dist = pre.config["data"]["distribution"]
+  root = os.path.join(pre.data_dir, "behaviour", dist, domain)
+  with open(os.path.join(root, "result.json")) as f:
+    snapshot = json.load(f)["snapshots"][-1]
+  d = specs.get_domain(domain)
+  shapes = jax.eval_shape(lambda: sac_lib.init(bcfg, jax.random.PRNGKey(0), d.obs_dim, d.act_dim))
+  like = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), shapes.actor)
+  return collect.load_actor(os.path.join(root, snapshot["path"]), like)
+
+
+# ---- targets ----------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """One target scenario: its label in the evaluation list ('a/0') or 'explicit'."""
+
+  scenario: scen.Scenario
+  setting: str
+  label: str
+  index: int  # position in its list (1000 for an explicit target)
+
+
+def resolve_targets(c, pre: Pretrained) -> dict[str, list[Target]]:
+  """{domain: targets} in pair order, from the list of `target.setting` or the explicit one."""
+  t = c.target
+  if t.domain:
+    s = scen.Scenario(t.domain, float(t.alpha_len), float(t.alpha_size), float(t.beta))
+    return {t.domain: [Target(s, "explicit", "explicit", 1000)]}
+  out = {}
+  for domain in t.domains:
+    lists = pre.metadata["eval_lists"].get(domain, {})
+    if t.setting not in lists:
+      raise ValueError(
+        f"config.target.setting={t.setting!r} has no evaluation list for {domain} in "
+        f"{pre.data_dir}/metadata/eval_lists.json (it has {sorted(lists)}); collect it or give "
+        "an explicit target (--config.target.domain=...)"
+      )
+    items = lists[t.setting][: t.scenarios]
+    if len(items) < t.scenarios:
+      raise ValueError(
+        f"config.target.scenarios={t.scenarios} but the {domain} list of setting "
+        f"{t.setting!r} holds {len(items)}"
+      )
+    out[domain] = [
+      Target(scen.Scenario(**s), t.setting, f"{t.setting}/{i}", i) for i, s in enumerate(items)
+    ]
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+  domain: str
+  target: Target
+  seed: int
+
+
+def make_pairs(c, targets: dict[str, list[Target]]) -> list[Pair]:
+  """Domain-major, then scenario, then seed (the program's pair order)."""
+  return [Pair(d, t, int(s)) for d, ts in targets.items() for t in ts for s in c.seeds]
+
+
+def pair_key(pair: Pair) -> np.ndarray:
+  """A pair's own key: a function of (seed, domain, scenario) only, whatever else runs."""
+  key = jax.random.PRNGKey(pair.seed)
+  key = jax.random.fold_in(key, specs.get_domain(pair.domain).id)
+  return np.asarray(jax.random.fold_in(key, pair.target.index))
+
+
+def env_params(c, pre: Pretrained, domain: str, pairs: list[Pair]) -> env_lib.EnvParams:
+  """The domain's sub-batch: v* = β · v_max from the metadata; one obs-function stream per pair."""
+  env = env_lib.make_env(domain, mass_rule=pre.config["collect"]["mass_rule"])
+  params = env.make_params(
+    [p.target.scenario for p in pairs], obs_fn=c.target.obs_fn, seed=c.target.obs_seed,
+    episode_length=c.target.episode_length,
+  )  # fmt: skip
+  v_max = pre.metadata["v_max"][domain]["value"]
+  stream = [1_000_000 + 10_000 * p.seed + p.target.index for p in pairs]
+  return params.replace(
+    v_target=np.asarray([p.target.scenario.beta * v_max for p in pairs], np.float32),
+    stream=np.asarray(stream, np.int32),
+  )
+
+
+# ---- the run ----------------------------------------------------------------------------------
+@dataclasses.dataclass
+class AdaptRun:
+  """What `adapt` returns."""
+
+  state: program_lib.AdaptState
+  real_steps: int
+  stopped_by: str | None
+  results: dict | None
+  program: program_lib.Program  # the compiled program and its data, to run or evaluate further
+  params: program_lib.AdaptParams
+  workdir: str
+
+
+def _check_finite(out, step: int, chunk: int, ckpt_step, where) -> None:
+  for group in (out.sac, out.model):
+    for name, values in group.items():
+      values = np.asarray(values)
+      bad = ~np.isfinite(values)
+      if bad.any():
+        i = int(np.argwhere(bad)[0][0])
+        kept = (
+          f"the last good checkpoint (real step {ckpt_step}) is kept in {where}"
+          if ckpt_step is not None
+          else "no checkpoint had been written yet"
+        )
+        raise NonFiniteLossError(
+          f"{name!r} became {values[bad][0]} at real step "
+          f"{step - chunk + i + 1}. Adaptation stopped; {kept}. Lower the SAC learning rates "
+          "(--config.adapt.sac.actor_lr / critic_lr), shorten the rollouts "
+          "(--config.adapt.rollout.horizon), or check the world model's checkpoint; rerunning "
+          "the same command resumes from that checkpoint."
+        )
+
+
+def _chunk_scalars(out, pairs: list[Pair], elapsed: float, chunk: int) -> dict[str, float]:
+  sac, model = jax.tree.map(np.asarray, (out.sac, out.model))
+  done = sac["updates"] > 0
+  scalars = {}
+  if done.any():
+    for name in program_lib.SAC_METRICS:
+      scalars[f"sac/{name}"] = float(sac[name][done].mean())
+  rounds = model["rounds"] > 0
+  if rounds.any():
+    scalars["model/imagined_reward"] = float(model["imagined_reward"][rounds].mean())
+    scalars["model/imagined_obs_absmax"] = float(model["imagined_obs_absmax"][rounds].max())
+  last, ret = np.asarray(out.last), np.asarray(out.episode_return)
+  for d in dict.fromkeys(p.domain for p in pairs):
+    cols = [i for i, p in enumerate(pairs) if p.domain == d]
+    finished = ret[:, cols][last[:, cols]]
+    if finished.size:
+      scalars[f"train_return/{d}"] = float(finished.mean())
+  scalars["real_steps_per_s"] = chunk / elapsed
+  scalars["sac_updates_per_s"] = float(sac["updates"].sum()) / elapsed
+  return scalars
+
+
+def adapt(c, workdir: str, *, stop_after: int | None = None, verbose: bool = True) -> AdaptRun:
+  """Runs (or resumes) the adaptation of every (target, seed) pair; returns results.
+
+  Args:
+    c: an `adapt.py` config.
+    workdir: run directory.
+    stop_after: stop (with a checkpoint) once this many real steps are done, as if pre-empted.
+    verbose: progress bar and printed table.
+  """
+  validate(c)
+  os.makedirs(workdir, exist_ok=True)
+  pre = open_pretrained(c)
+  targets = resolve_targets(c, pre)
+  pairs = make_pairs(c, targets)
+  domains = tuple((d, sum(p.domain == d for p in pairs)) for d in targets)
+  bcfg = behaviour_sac_config(pre)
+  spec = make_spec(c, domains, bcfg)
+  world_model, variables, wm_step = None, None, None
+  if spec.model_rollouts:
+    world_model = model_lib.make_world_model(c.world_model)
+    wm_step, variables = load_world_model(c, pre)
+  logs.write_run_info(
+    workdir, c, {"pairs": len(pairs), "world_model_step": wm_step, "data_dir": pre.data_dir}
+  )
+  program = program_lib.make_program(spec, world_model, pre.config["collect"]["mass_rule"])
+  by_domain = {d: [p for p in pairs if p.domain == d] for d, _ in domains}
+  params = program.make_params(
+    [env_params(c, pre, d, by_domain[d]) for d, _ in domains],
+    np.stack([pair_key(p) for p in pairs]),
+    [obs_functions.obs_fn_id(c.target.obs_fn)] * len(pairs),
+    variables,
+    [load_behaviour_actor(pre, d, bcfg) for d, _ in domains] if spec.prompt else None,
+    random_steps=c.adapt.random_steps,
+    update_after=c.adapt.update_after,
+  )
+  state = program.init(params)
+  ckpt = checkpoint_lib.Checkpointer(
+    os.path.join(workdir, "checkpoints"),
+    max_to_keep=c.run.max_to_keep,
+    async_save=c.run.async_checkpoint,
+  )
+  restored = ckpt.restore_latest(state, config=c.to_dict())
+  if restored is not None:
+    step, state, meta = restored
+    history = meta["history"]
+    print(f"resuming from the checkpoint at real step {step}")
+  else:
+    step, history = 0, {"steps": [], "returns": []}
+    state = program.prompt(state, params)
+    state, history["random_returns"] = random_returns(c, pre, program, state, params, pairs)
+    ckpt.save(0, state, {"real_steps": 0, "history": history, "config": c.to_dict()})
+  last_ckpt = step
+  writer = logs.MetricWriter(workdir, resume_step=step)
+  total, chunk = c.adapt.real_steps, c.run.chunk
+  stopped_by = None
+  bar = tqdm(total=total, initial=step, unit="step", disable=not verbose, dynamic_ncols=True)
+  try:
+    with logs.StopFlag() as stop:
+      while step < total:
+        t0 = time.perf_counter()
+        state, out = program.run(state, params, program_lib.TRAIN)
+        out = jax.device_get(out)
+        elapsed = time.perf_counter() - t0
+        step += chunk
+        _check_finite(out, step, chunk, last_ckpt, ckpt.directory)
+        scalars = _chunk_scalars(out, pairs, elapsed, chunk)
+        if step % c.eval.every == 0 or step == total:
+          state, returns = program.evaluate(state, params, c.eval.episodes, tag=step)
+          history["steps"].append(step)
+          history["returns"].append(returns.tolist())
+          rows = results_lib.rows(pairs_info(pairs), history, pre.metadata)
+          for d in dict.fromkeys(p.domain for p in pairs):
+            mine = [r for r in rows if r["domain"] == d]
+            scalars[f"eval_return/{d}"] = float(np.mean([r["return"] for r in mine]))
+            scores = [r["score"] for r in mine if r["score"] is not None]
+            if scores:
+              scalars[f"eval_score/{d}"] = float(np.mean(scores))
+        writer.write(step, scalars)
+        bar.update(chunk)
+        bar.set_postfix(steps_per_s=f"{scalars['real_steps_per_s']:.0f}")
+        if stop_after is not None and step >= stop_after:
+          stopped_by = "stop_after"
+        elif stop:
+          stopped_by = stop.name
+        if step % c.run.checkpoint_every == 0 or step == total or stopped_by:
+          ckpt.save(step, state, {"real_steps": step, "history": history, "config": c.to_dict()})
+          last_ckpt = step
+        if stopped_by:
+          break
+  finally:
+    bar.close()
+    ckpt.close()
+    writer.close()
+  if stopped_by:
+    print(f"stopped by {stopped_by} at real step {step}; checkpoint saved, rerun to resume")
+    return AdaptRun(state, step, stopped_by, None, program, params, workdir)
+  results = results_lib.summarise(c.to_dict(), pairs_info(pairs), history, pre.metadata)
+  logs.write_json(os.path.join(workdir, "results.json"), results)
+  results_lib.plot_curves(results, os.path.join(workdir, "learning_curves.png"))
+  if verbose:
+    results_lib.print_table(results)
+  return AdaptRun(state, step, None, results, program, params, workdir)
+
+
+def pairs_info(pairs: list[Pair]) -> list[dict]:
+  """One dict per pair: domain, setting, label, scenario parameters and seed."""
+  return [
+    {
+      "domain": p.domain,
+      "setting": p.target.setting,
+      "label": p.target.label,
+      "scenario": dataclasses.asdict(p.target.scenario),
+      "seed": p.seed,
+    }
+    for p in pairs
+  ]
+
+
+def random_returns(c, pre, program, state, params, pairs):
+  """R_rand per pair: the metadata's (PROTOCOL.md) where the scenario is listed, else measured.
+
+  Returns:
+    (the state, as given: `evaluate` consumes its argument; {'values', 'source'}).
+  """
+  listed = pre.metadata.get("random_returns", {})
+  values = [listed.get(p.domain, {}).get(p.target.label) for p in pairs]
+  source = ["metadata" if v is not None else "measured" for v in values]
+  if None in values:
+    state, measured = program.evaluate(state, params, c.eval.episodes, random=True, tag=0)
+    values = [float(m) if v is None else v for v, m in zip(values, measured)]
+  return state, {"values": values, "source": source}
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logs.quiet_libraries()
+  adapt(_CONFIG.value, _WORKDIR.value)
+
+
+def define_flags() -> None:
+  """Command-line flags, defined only when run as a program (so the module imports cleanly)."""
+  global _CONFIG, _WORKDIR
+  _CONFIG = config_flags.DEFINE_config_file(
+    "config", "experiments/configs/adapt.py", "Adaptation config file (preset after ':')."
+  )
+  _WORKDIR = flags.DEFINE_string(
+    "workdir", "runs/adapt", "Run directory: checkpoints, metrics, config, results, plot."
+  )
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
