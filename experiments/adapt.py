@@ -91,11 +91,10 @@ def validate(c) -> None:
     raise ValueError(
       f"config.target.obs_fn={c.target.obs_fn!r}: choose one of {obs_functions.OBS_FUNCTIONS}"
     )
-  if c.adapt.finetune_world_model:
-    raise NotImplementedError(
-      "config.adapt.finetune_world_model=True: fine-tuning the world model during adaptation is "
-      "not implemented yet; the paper's protocol (and this default) adapts with the pretrained "
-      "model: set it to False"
+  if c.adapt.finetune_world_model and not c.adapt.model_rollouts:
+    raise ValueError(
+      "config.adapt.finetune_world_model=True needs config.adapt.model_rollouts=True (a model "
+      "that imagines nothing has nothing to fine-tune for)"
     )
   wm_config.resolve(c.world_model)
 
@@ -125,6 +124,9 @@ def make_spec(c, domains: tuple[tuple[str, int], ...], behaviour_sac) -> program
     keep_rounds=a.rollout.keep_rounds,
     prompt=a.prompt,
     behaviour_sac=behaviour_sac,
+    finetune_updates=a.finetune.updates if a.finetune_world_model else 0,
+    finetune_batch=a.finetune.batch_size or c.world_model.batch_size,
+    finetune_seq_len=a.finetune.seq_len or c.world_model.seq_len,
   )
 
 
@@ -162,7 +164,8 @@ def open_pretrained(c) -> Pretrained:
 
 
 def load_world_model(c, pre: Pretrained):
-  """The world-model variables of the pretraining run's latest checkpoint (on this device).
+  """The pretraining run's latest `TrainState` (world model, values, optimiser states), on this
+  device, with the update it was saved at.
 
   Raises:
     CheckpointMismatchError: the checkpoint is not shaped like `config.world_model`; the message
@@ -183,7 +186,7 @@ def load_world_model(c, pre: Pretrained):
       f"--workdir={pre.workdir}` first"
     )
   step, state, _ = restored
-  return step, jax.device_put(state.variables)
+  return step, jax.device_put(state)
 
 
 def behaviour_sac_config(pre: Pretrained) -> sac_lib.SACConfig:
@@ -321,6 +324,8 @@ def _chunk_scalars(out, pairs: list[Pair], elapsed: float, chunk: int) -> dict[s
   if rounds.any():
     scalars["model/imagined_reward"] = float(model["imagined_reward"][rounds].mean())
     scalars["model/imagined_obs_absmax"] = float(model["imagined_obs_absmax"][rounds].max())
+    if "finetune_loss" in model:
+      scalars["model/finetune_loss"] = float(model["finetune_loss"][rounds].mean())
   last, ret = np.asarray(out.last), np.asarray(out.episode_return)
   for d in dict.fromkeys(p.domain for p in pairs):
     cols = [i for i, p in enumerate(pairs) if p.domain == d]
@@ -349,21 +354,24 @@ def adapt(c, workdir: str, *, stop_after: int | None = None, verbose: bool = Tru
   domains = tuple((d, sum(p.domain == d for p in pairs)) for d in targets)
   bcfg = behaviour_sac_config(pre)
   spec = make_spec(c, domains, bcfg)
-  world_model, variables, wm_step = None, None, None
+  world_model, wm_state, wm_step = None, None, None
   if spec.model_rollouts:
     world_model = model_lib.make_world_model(c.world_model)
-    wm_step, variables = load_world_model(c, pre)
+    wm_step, wm_state = load_world_model(c, pre)
   logs.write_run_info(
     workdir, c, {"pairs": len(pairs), "world_model_step": wm_step, "data_dir": pre.data_dir}
   )
-  program = program_lib.make_program(spec, world_model, pre.config["collect"]["mass_rule"])
+  program = program_lib.make_program(
+    spec, world_model, pre.config["collect"]["mass_rule"], c.world_model
+  )
   by_domain = {d: [p for p in pairs if p.domain == d] for d, _ in domains}
   params = program.make_params(
     [env_params(c, pre, d, by_domain[d]) for d, _ in domains],
     np.stack([pair_key(p) for p in pairs]),
     [obs_functions.obs_fn_id(c.target.obs_fn)] * len(pairs),
-    variables,
+    None if wm_state is None else wm_state.variables,
     [load_behaviour_actor(pre, d, bcfg) for d, _ in domains] if spec.prompt else None,
+    world_model_state=wm_state,
     random_steps=c.adapt.random_steps,
     update_after=c.adapt.update_after,
   )

@@ -24,7 +24,9 @@ One TRAIN iteration (one real step of every pair), with `s_{t-1}` and its action
    steps under the current policy, which acts on the decoded observation means after the
    observation function's stochastic part is re-applied; the reward of (ô_t, a_t, ô_{t+1}) is
    the reward head at ŝ_{t+1}. The round's `starts · horizon` transitions overwrite the oldest
-   of `keep_rounds` rounds in the model buffer.
+   of `keep_rounds` rounds in the model buffer. With `finetune_updates` (a switch, off in the
+   paper's protocol), every pair first takes that many updates (Eq. 16) of its own copy of the
+   world model on windows of its own stream, and imagines with that copy.
 3. Once `update_after` real transitions exist: `updates_per_step` SAC updates, each on a batch of
    `round(real_ratio · B)` real and `B − that` model transitions (all real while the model
    buffer is empty), no terminal states.
@@ -59,6 +61,7 @@ from mrcom_jax.envs import env as env_lib
 from mrcom_jax.envs import obs_functions, specs
 from mrcom_jax.world_model import batch as batch_lib
 from mrcom_jax.world_model import model as model_lib
+from mrcom_jax.world_model import train as train_lib
 
 PROMPT, TRAIN, EVAL, EVAL_RANDOM = 0, 1, 2, 3
 MODES = {"prompt": PROMPT, "train": TRAIN, "eval": EVAL, "eval_random": EVAL_RANDOM}
@@ -86,6 +89,11 @@ class AdaptSpec:
     prompt: True fills the context from the behaviour expert (PROMPT mode); False leaves the
       k slots before the first real record empty (context from the target's own transitions).
     behaviour_sac: SACConfig of the behaviour experts (their hidden sizes), for PROMPT.
+    finetune_updates: world-model updates per pair before every rollout round (0: the
+      pretrained model is used as it is, the paper's protocol); each pair then fine-tunes its
+      own copy (parameters, optimiser states, values) on windows of its own stream.
+    finetune_batch: windows per fine-tuning update.
+    finetune_seq_len: T, training steps per window (each with its k context records before).
   """
 
   domains: tuple[tuple[str, int], ...]
@@ -103,6 +111,9 @@ class AdaptSpec:
   keep_rounds: int
   prompt: bool
   behaviour_sac: sac_lib.SACConfig
+  finetune_updates: int = 0
+  finetune_batch: int = 0
+  finetune_seq_len: int = 0
 
   @property
   def num_pairs(self) -> int:
@@ -147,6 +158,18 @@ class AdaptSpec:
       (self.rollout_starts > 0, "rollout_starts", "must be > 0"),
       (self.horizon > 0, "horizon", "must be > 0"),
       (self.keep_rounds > 0, "keep_rounds", "must be > 0"),
+      (self.finetune_updates >= 0, "finetune_updates", "must be ≥ 0"),
+      (
+        not self.finetune_updates or (self.finetune_batch > 0 and self.finetune_seq_len > 0),
+        "finetune_batch",
+        "and finetune_seq_len must be > 0 when fine-tuning",
+      ),
+      (not self.finetune_updates or self.model_rollouts, "finetune_updates", "needs rollouts"),
+      (
+        not self.finetune_updates or self.rollout_start >= self.finetune_seq_len + 1,
+        "rollout_start",
+        "must leave finetune_seq_len + 1 real records before the first round",
+      ),
     ]
     for ok, name, what in checks:
       if not ok:
@@ -188,7 +211,8 @@ class AdaptParams:
   Attributes:
     envs: EnvParams per domain sub-batch (spec.domains order).
     behaviour: the behaviour expert's actor params per domain (PROMPT mode), or None.
-    world_model: world-model variables (shared by every pair), or None without rollouts.
+    world_model: world-model variables (shared by every pair), or None without rollouts; when
+      fine-tuning, the pretrained `TrainState` that every pair's copy starts from.
     domain: [P] int32. obs_mask: [P, 27]. act_mask: [P, 6]. xi: [P, 6]. obs_fn: [P] int32.
     pair_key: [P, 2] uint32, every per-pair random draw derives from it.
     prompt_start: [] int32, the prompt's first step within the expert's episode.
@@ -226,6 +250,7 @@ class AdaptState:
     action: [P, 6] the action recorded with it (applied by the next step).
     episode_return: [P] the current episode's reward sum up to s_t.
     key: [P, 2] uint32 per-pair key of the next iteration.
+    world_model: the pairs' fine-tuned world models (`TrainState`, leaves [P, ...]), or None.
   """
 
   sac: sac_lib.SACState
@@ -239,6 +264,7 @@ class AdaptState:
   action: jax.Array
   episode_return: jax.Array
   key: jax.Array
+  world_model: Any = None
 
 
 @struct.dataclass
@@ -250,7 +276,8 @@ class ChunkOut:
     episode_return: [chunk, P] the episode's reward sum up to s_t (its return where `last`).
     sac: dict of [chunk, P] SAC metrics (0 where no update ran) and `updates` [chunk].
     model: dict of [chunk] rollout-round metrics (0 where no round ran): `rounds` (1 where a
-      round ran), `imagined_reward` (mean r̂), `imagined_obs_absmax` (max |ô|).
+      round ran), `imagined_reward` (mean r̂), `imagined_obs_absmax` (max |ô|) and, when
+      fine-tuning, `finetune_loss` (mean Eq. 16 total over the round's updates and pairs).
   """
 
   reward: jax.Array
@@ -293,6 +320,7 @@ class Program:
     world_model_variables=None,
     behaviour_actors: list | None = None,
     *,
+    world_model_state=None,
     random_steps: int,
     update_after: int,
   ) -> AdaptParams:
@@ -304,6 +332,8 @@ class Program:
       obs_fns: [P] observation-function ids (as in the env params).
       world_model_variables: the pretrained world model's variables (rollouts need them).
       behaviour_actors: per domain, the behaviour expert's actor params (the prompt needs them).
+      world_model_state: the pretrained `TrainState` (fine-tuning programs take it instead of
+        the variables).
       random_steps: real steps of uniform actions first.
       update_after: real transitions before the first SAC update (≥ 2).
     """
@@ -313,7 +343,11 @@ class Program:
     for (name, n), p in zip(spec.domains, env_params):
       if p.v_target.shape[0] != n:
         raise ValueError(f"{name}: env params hold {p.v_target.shape[0]} scenarios, need {n}")
-    if spec.model_rollouts and world_model_variables is None:
+    if spec.finetune_updates:
+      if world_model_state is None:
+        raise ValueError("this program fine-tunes the world model: pass world_model_state")
+      world_model_variables = world_model_state
+    elif spec.model_rollouts and world_model_variables is None:
       raise ValueError("this program imagines rollouts: pass world_model_variables")
     if update_after < 2:
       raise ValueError(f"update_after={update_after} must be ≥ 2 (a transition needs 2 records)")
@@ -408,7 +442,10 @@ class Program:
 
 
 def make_program(
-  spec: AdaptSpec, world_model: model_lib.WorldModel | None = None, mass_rule: str = "fixed"
+  spec: AdaptSpec,
+  world_model: model_lib.WorldModel | None = None,
+  mass_rule: str = "fixed",
+  world_model_config=None,
 ) -> Program:
   """The jitted adaptation program for `spec` (see the module docstring).
 
@@ -417,10 +454,13 @@ def make_program(
     world_model: the pretrained model's functions (`make_world_model`), unless
       `spec.model_rollouts` is False.
     mass_rule: torso mass rule of the envs (as in collection).
+    world_model_config: the world model's config (fine-tuning programs build its update).
   """
   spec.check()
   if spec.model_rollouts and world_model is None:
     raise ValueError("spec.model_rollouts needs the world model (make_world_model(config))")
+  if spec.finetune_updates and world_model_config is None:
+    raise ValueError("spec.finetune_updates needs world_model_config (its train update)")
   if spec.model_rollouts and world_model.spec.context_len != spec.context_len:
     raise ValueError(
       f"AdaptSpec.context_len={spec.context_len} but the world model's k is "
@@ -462,7 +502,7 @@ def make_program(
       sac=sac_state, stream=stream, model=model, records=scalar(k), model_size=scalar(0),
       rounds=scalar(0), prompt_steps=scalar(0), envs=fresh(params, jnp.uint32(3)),
       action=jnp.zeros((num_p, d_a), jnp.float32), episode_return=jnp.zeros((num_p,)),
-      key=_pair_key(params.pair_key, 4),
+      key=_pair_key(params.pair_key, 4), world_model=finetune_init(params),
     )  # fmt: skip
 
   # ---- SAC ----------------------------------------------------------------------------------
@@ -502,31 +542,40 @@ def make_program(
     sac_state, metrics = jax.lax.scan(one, sac_state, jnp.arange(spec.updates_per_step))
     return sac_state, jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
 
-  # ---- rollouts -----------------------------------------------------------------------------
-  def pair_round(actor, stream_p, records, key, domain, obs_mask, act_mask, obs_fn, params):
-    """One pair's round: [starts · horizon] imagined transitions."""
-    wm = world_model
-    variables = params.world_model
-    seed_key = params.envs[0].seed_key
-    key_t, key_f, key_i = jax.random.split(key, 3)
-    t = jax.random.randint(key_t, (starts,), k, records)  # real records only
-    idx = t[:, None] - 2 * k + 1 + jnp.arange(2 * k)[None]  # [S, 2k]
-    valid = idx >= params.stream_start
+  # ---- rollouts and fine-tuning -------------------------------------------------------------
+  def gather(stream_p: Stream, idx, stream_start):
+    """Records at `idx` [..., L] of one pair's stream; slots before the stream are invalid."""
+    valid = idx >= stream_start
     gi = jnp.clip(idx, 0, cap_l - 1)
     take = lambda x: jnp.where(
       valid.reshape(valid.shape + (1,) * (x.ndim - 1)), x[gi], jnp.zeros((), x.dtype)
     )
-    obs, action, reward, first = (take(x) for x in (stream_p.obs, stream_p.action,
-                                                   stream_p.reward, stream_p.first))  # fmt: skip
-    batch = batch_lib.Batch(
+    fields = (stream_p.obs, stream_p.action, stream_p.reward, stream_p.first)
+    return (*(take(x) for x in fields), valid)
+
+  def windows(stream_p, idx, stream_start, domain, obs_mask, act_mask, xi) -> batch_lib.Batch:
+    obs, action, reward, first, valid = gather(stream_p, idx, stream_start)
+    b = idx.shape[0]
+    return batch_lib.Batch(
       obs=obs, action=action, reward=reward, first=first, valid=valid,
-      domain=jnp.full((starts,), domain), obs_mask=jnp.broadcast_to(obs_mask, (starts, d_o)),
-      act_mask=jnp.broadcast_to(act_mask, (starts, d_a)), xi=jnp.zeros((starts, specs.XI_DIM)),
+      domain=jnp.full((b,), domain), obs_mask=jnp.broadcast_to(obs_mask, (b, d_o)),
+      act_mask=jnp.broadcast_to(act_mask, (b, d_a)), xi=jnp.broadcast_to(xi, (b, specs.XI_DIM)),
     )  # fmt: skip
+
+  def pair_round(actor, stream_p, records, key, domain, obs_mask, act_mask, obs_fn, xi,
+                 params, variables):  # fmt: skip
+    """One pair's round: [starts · horizon] imagined transitions."""
+    wm = world_model
+    seed_key = params.envs[0].seed_key
+    key_t, key_f, key_i = jax.random.split(key, 3)
+    t = jax.random.randint(key_t, (starts,), k, records)  # real records only
+    idx = t[:, None] - 2 * k + 1 + jnp.arange(2 * k)[None]  # [S, 2k]
+    batch = windows(stream_p, idx, params.stream_start, domain, obs_mask, act_mask, xi)
+    obs, action = batch.obs, batch.action
     ws = wm.start(variables, batch)
     ws, _ = wm.observe(
-      variables, ws, obs[:, k:], action[:, k - 1 : 2 * k - 1], reward[:, k:], first[:, k:],
-      valid[:, k:], key_f,
+      variables, ws, obs[:, k:], action[:, k - 1 : 2 * k - 1], batch.reward[:, k:],
+      batch.first[:, k:], batch.valid[:, k:], key_f,
     )  # fmt: skip
     perturb = jax.vmap(obs_functions.reapply_stochastic, in_axes=(None, 0, None, 0, None))
 
@@ -545,21 +594,60 @@ def make_program(
     flat = lambda x: jnp.swapaxes(x, 0, 1).reshape((per_round, *x.shape[2:]))
     return ModelBuffer(obs=flat(o), action=flat(a), reward=flat(r), next_obs=flat(o_next))
 
-  def rollout_round(sac_state, stream, model, records, model_size, rounds, keys, params):
-    new = jax.vmap(pair_round, in_axes=(0, 0, None, 0, 0, 0, 0, 0, None))(
+  wm_update = train_lib.make_update(world_model_config) if spec.finetune_updates else None
+
+  def finetune_init(params: AdaptParams):
+    """Every pair's copy of the pretrained TrainState, each with its own key."""
+    if not spec.finetune_updates:
+      return None
+    copies = jax.tree.map(lambda x: jnp.broadcast_to(x, (num_p, *x.shape)), params.world_model)
+    return copies.replace(key=_pair_key(params.pair_key, 5))
+
+  def finetune(wm_state, stream, records, keys, params):
+    """`finetune_updates` updates of every pair's model on windows of its own stream: [B] windows
+    of k + T records whose T training steps are real records before the current one."""
+    length = k + spec.finetune_seq_len
+
+    def pair_batch(stream_p, key, domain, obs_mask, act_mask, xi):
+      hi = jnp.maximum(records - 1, k + spec.finetune_seq_len)
+      end = jax.random.randint(key, (spec.finetune_batch,), k + spec.finetune_seq_len - 1, hi)
+      idx = end[:, None] - length + 1 + jnp.arange(length)[None]
+      return windows(stream_p, idx, params.stream_start, domain, obs_mask, act_mask, xi)
+
+    def one(ws, i):
+      ks = jax.vmap(lambda kk: jax.random.fold_in(kk, i))(keys)
+      batch = jax.vmap(pair_batch)(
+        stream, ks, params.domain, params.obs_mask, params.act_mask, params.xi
+      )
+      ws, metrics = jax.vmap(wm_update)(ws, batch)
+      return ws, jnp.mean(metrics["total"])
+
+    wm_state, losses = jax.lax.scan(one, wm_state, jnp.arange(spec.finetune_updates))
+    return wm_state, jnp.mean(losses)
+
+  def rollout_round(sac_state, stream, model, records, model_size, rounds, wm_state, keys, params):
+    metrics = {}
+    if spec.finetune_updates:
+      wm_state, metrics["finetune_loss"] = finetune(
+        wm_state, stream, records, _pair_key(keys, 11), params
+      )
+      variables, axis = wm_state.variables, 0
+    else:
+      variables, axis = params.world_model, None
+    new = jax.vmap(pair_round, in_axes=(0, 0, None, 0, 0, 0, 0, 0, 0, None, axis))(
       sac_state.actor, stream, records, keys, params.domain, params.obs_mask, params.act_mask,
-      params.obs_fn, params,
+      params.obs_fn, params.xi, params, variables,
     )  # fmt: skip
     offset = (rounds % spec.keep_rounds) * per_round
     model = jax.tree.map(
       lambda buf, x: jax.lax.dynamic_update_slice_in_dim(buf, x, offset, axis=1), model, new
     )
-    metrics = {
-      "rounds": jnp.ones(()),
-      "imagined_reward": jnp.mean(new.reward),
-      "imagined_obs_absmax": jnp.max(jnp.abs(new.next_obs)),
-    }
-    return model, jnp.minimum(model_size + per_round, cap_m), rounds + 1, metrics
+    metrics.update(
+      rounds=jnp.ones(()),
+      imagined_reward=jnp.mean(new.reward),
+      imagined_obs_absmax=jnp.max(jnp.abs(new.next_obs)),
+    )
+    return model, jnp.minimum(model_size + per_round, cap_m), rounds + 1, wm_state, metrics
 
   # ---- one iteration --------------------------------------------------------------------------
   def iteration(state: AdaptState, params: AdaptParams, mode):
@@ -592,18 +680,26 @@ def make_program(
     real_steps = records - k  # real records, this one included
 
     # 2. A rollout round.
-    model, model_size, rounds = state.model, state.model_size, state.rounds
-    model_metrics = {"rounds": 0.0, "imagined_reward": 0.0, "imagined_obs_absmax": 0.0}
-    model_metrics = {name: jnp.zeros(()) for name in model_metrics}
+    model, model_size, rounds, wm_state = (
+      state.model,
+      state.model_size,
+      state.rounds,
+      state.world_model,
+    )
+    names = ["rounds", "imagined_reward", "imagined_obs_absmax"]
+    names += ["finetune_loss"] if spec.finetune_updates else []
+    model_metrics = {name: jnp.zeros(()) for name in names}
     if spec.model_rollouts:
       due = (
         train
         & (real_steps >= spec.rollout_start)
         & ((real_steps - spec.rollout_start) % spec.rollout_every == 0)
       )
-      args = (state.sac, stream, model, records, model_size, rounds, key_roll, params)
-      skip = lambda _s, _st, m, _r, ms, rd, *_: (m, ms, rd, model_metrics)
-      model, model_size, rounds, model_metrics = jax.lax.cond(due, rollout_round, skip, *args)
+      args = (state.sac, stream, model, records, model_size, rounds, wm_state, key_roll, params)
+      skip = lambda _s, _st, m, _r, ms, rd, ws, *_: (m, ms, rd, ws, model_metrics)
+      model, model_size, rounds, wm_state, model_metrics = jax.lax.cond(
+        due, rollout_round, skip, *args
+      )
 
     # 3. SAC updates.
     ok = train & (real_steps - 1 >= params.update_after)
@@ -643,7 +739,7 @@ def make_program(
     new = state.replace(
       sac=sac_state, stream=stream, model=model, records=records, model_size=model_size,
       rounds=rounds, prompt_steps=state.prompt_steps + prompt.astype(jnp.int32), envs=envs,
-      action=action, episode_return=episode_return, key=key_next,
+      action=action, episode_return=episode_return, key=key_next, world_model=wm_state,
     )  # fmt: skip
     out = ChunkOut(
       reward=reward, first=first_, last=last, episode_return=episode_return, sac=sac_metrics,

@@ -120,7 +120,11 @@ def test_a_checkpoint_of_another_model_size_names_the_field(adapt_pretrained, tm
       "config.adapt.real_steps=1000 must be a multiple",
     ),
     ({"target.obs_fn": "blur"}, ValueError, "config.target.obs_fn='blur'"),
-    ({"adapt.finetune_world_model": True}, NotImplementedError, "finetune_world_model"),
+    (
+      {"adapt.finetune_world_model": True, "adapt.model_rollouts": False},
+      ValueError,
+      "finetune_world_model=True needs config.adapt.model_rollouts=True",
+    ),
     ({"target.domain": "", "target.setting": "z"}, ValueError, "config.target.setting='z'"),
     ({"target.domain": "", "target.setting": "b"}, ValueError, "has no evaluation list for hopper"),
     (
@@ -180,3 +184,20 @@ def test_cli_unknown_field_and_preset_and_help():
   assert out.returncode != 0 and "unknown preset 'tiny'" in out.stderr
   out = cli("--help")
   assert "--workdir" in out.stdout and "--config" in out.stdout
+
+
+@pytest.mark.slow
+def test_world_model_fine_tuning_switch(adapt_pretrained, tmp_path):
+  """Each pair fine-tunes its own copy before every round (5 updates in the smoke preset), and
+  the run is reported as its own row. Its own program: about 2 minutes to compile on 2 cores."""
+  c = adapt_config(
+    adapt_pretrained, **{"adapt.finetune_world_model": True, "adapt.real_steps": 1000}
+  )
+  run = adapt.adapt(c, str(tmp_path / "ft"), verbose=False)
+  assert run.results["variant"] == "finetuned_world_model"
+  ws = run.state.world_model
+  np.testing.assert_array_equal(np.asarray(ws.step), 2000 + 4 * 5)  # pretrained 2000, 4 rounds
+  leaf = lambda tree: np.asarray(jax.tree.leaves(tree)[3])
+  assert not np.array_equal(leaf(ws.variables["params"])[0], leaf(ws.variables["params"])[1])
+  metrics = logs.read_jsonl(os.path.join(run.workdir, "metrics.jsonl"))
+  assert all(np.isfinite(m["model/finetune_loss"]) for m in metrics)
