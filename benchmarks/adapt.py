@@ -12,7 +12,7 @@ their values), so nothing needs pretraining. Reported after compilation: ms per 
 pairs at once), real steps/s per pair and in all, SAC updates/s, compile seconds, peak memory,
 and the hours a 100k-step adaptation takes at that rate. The issue's aim on one H200-class GPU:
 ≤ 9 ms per real step for 75 pairs at paper size.
-Writes benchmarks/results/adapt_<device>_<date>.json.
+Writes benchmarks/results/adapt_<size>_<device>_<date>.json.
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def main() -> None:
       f"{r['first_chunk_s_incl_compile']:.0f} s, 100k steps in {r['hours_per_100k_steps']:.2f} h"
     )
     results.append(r)
-  common.write("adapt", {"args": vars(args), "results": results})
+  common.write(f"adapt_{args.size}", {"args": vars(args), "results": results})
 
 
 if __name__ == "__main__":
