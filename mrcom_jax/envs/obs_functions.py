@@ -145,9 +145,7 @@ def reapply_stochastic(fn_id, obs, domain_id, key, seed_key):
     return jnp.argsort(jnp.argsort(scores))
 
   def fixed_rank():
-    masks = [
-      jnp.zeros(pad, bool).at[fixed_mask_dims(seed_key, d)].set(True) for d in specs.DOMAINS
-    ]
+    masks = [jnp.zeros(pad, bool).at[fixed_mask_dims(seed_key, d)].set(True) for d in specs.DOMAINS]
     chosen = jnp.stack(masks)[domain_id]
     return jnp.where(chosen, 0, pad)  # rank 0 (< n) on the fixed entries, pad elsewhere
 
