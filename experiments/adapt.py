@@ -480,15 +480,29 @@ def main(argv) -> None:
   adapt(_CONFIG.value, _WORKDIR.value)
 
 
-def define_flags() -> None:
-  """Command-line flags, defined only when run as a program (so the module imports cleanly)."""
+def define_flags(flag_values=flags.FLAGS, sys_argv=None):
+  """Command-line flags, defined only when run as a program (so the module imports cleanly).
+
+  Launchers and tests check an argument list with a fresh `flags.FlagValues()` and
+  `sys_argv=[prog, *args]` (ml_collections reads the `--config.*` overrides from it).
+  """
   global _CONFIG, _WORKDIR
-  _CONFIG = config_flags.DEFINE_config_file(
-    "config", "experiments/configs/adapt.py", "Adaptation config file (preset after ':')."
+  config = config_flags.DEFINE_config_file(
+    "config",
+    "experiments/configs/adapt.py",
+    "Adaptation config file (preset after ':').",
+    flag_values=flag_values,
+    sys_argv=sys_argv,
   )
-  _WORKDIR = flags.DEFINE_string(
-    "workdir", "runs/adapt", "Run directory: checkpoints, metrics, config, results, plot."
+  workdir = flags.DEFINE_string(
+    "workdir",
+    "runs/adapt",
+    "Run directory: checkpoints, metrics, config, results, plot.",
+    flag_values=flag_values,
   )
+  if flag_values is flags.FLAGS:
+    _CONFIG, _WORKDIR = config, workdir
+  return config, workdir
 
 
 if __name__ == "__main__":
