@@ -44,13 +44,21 @@ ensure_venv() {
     "$py" -m venv "$VENV"
     "$VENV/bin/python" -m pip install -q --upgrade pip
   fi
-  # Reinstall only when the dependency list changed.
-  local stamp="$VENV/.mrcom-installed" want
-  want="$(cat "$ROOT/setup.cfg" "$ROOT/pyproject.toml" | sha1sum | cut -d' ' -f1)-$EXTRAS"
-  if [[ ! -f "$stamp" ]] || [[ "$(cat "$stamp")" != "$want" ]]; then
-    echo "[mrcom] installing mrcom-jax[$EXTRAS] into $VENV (first run takes about a minute)" >&2
-    "$VENV/bin/python" -m pip install -q -e "$ROOT[$EXTRAS]"
-    echo "$want" > "$stamp"
+  # Reinstall only when the dependency list changed or an extra is asked for that is not yet
+  # installed (the stamp holds the dependency hash and the installed extras, e.g. "<sha>-dev,launch").
+  local stamp="$VENV/.mrcom-installed" deps have="" extra need=0
+  deps="$(cat "$ROOT/setup.cfg" "$ROOT/pyproject.toml" | sha1sum | cut -d' ' -f1)"
+  if [[ -f "$stamp" ]] && [[ "$(cut -d- -f1 "$stamp")" == "$deps" ]]; then
+    have="$(cut -d- -f2- "$stamp")"
+  fi
+  for extra in ${EXTRAS//,/ }; do
+    [[ ",$have," == *",$extra,"* ]] || need=1
+  done
+  if [[ -z "$have" || "$need" == 1 ]]; then
+    local all; all="$(echo "${have:+$have,}$EXTRAS" | tr ',' '\n' | awk 'NF && !seen[$0]++' | paste -sd,)"
+    echo "[mrcom] installing mrcom-jax[$all] into $VENV (first run takes a minute or two)" >&2
+    "$VENV/bin/python" -m pip install -q -e "$ROOT[$all]"
+    echo "$deps-$all" > "$stamp"
   fi
 }
 
