@@ -420,10 +420,7 @@ def adapt(c, workdir: str, *, stop_after: int | None = None, verbose: bool = Tru
         writer.write(step, scalars)
         bar.update(chunk)
         bar.set_postfix(steps_per_s=f"{scalars['real_steps_per_s']:.0f}")
-        if stop_after is not None and step >= stop_after:
-          stopped_by = "stop_after"
-        elif stop:
-          stopped_by = stop.name
+        stopped_by = stop.reason(step, stop_after)
         if step % c.run.checkpoint_every == 0 or step == total or stopped_by:
           ckpt.save(step, state, {"real_steps": step, "history": history, "config": c.to_dict()})
           last_ckpt = step

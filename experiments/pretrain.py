@@ -238,10 +238,7 @@ def pretrain(c, workdir: str, *, stop_after: int | None = None, verbose: bool = 
         writer.write(step, scalars)
         bar.update(n)
         bar.set_postfix(loss=f"{scalars['total']:.3f}", ups=f"{scalars['updates_per_s']:.1f}")
-        if stop_after is not None and step >= stop_after:
-          stopped_by = "stop_after"
-        elif stop:
-          stopped_by = stop.name
+        stopped_by = stop.reason(step, stop_after)
         if step % c.train.checkpoint_every == 0 or step == total or stopped_by:
           ckpt.save(step, state, {"step": step, "data_position": step, "config": c.to_dict()})
           last_ckpt = step

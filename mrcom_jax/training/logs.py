@@ -184,3 +184,10 @@ class StopFlag:
   @property
   def name(self) -> str:
     return signal.Signals(self.signal).name if self.signal is not None else "none"
+
+  def reason(self, step: int, stop_after: int | None = None) -> str | None:
+    """Why a training loop stops after `step`: 'stop_after' (a planned stop, as tests use),
+    the signal's name, or None to go on."""
+    if stop_after is not None and step >= stop_after:
+      return "stop_after"
+    return self.name if self else None

@@ -44,6 +44,10 @@ def test_stop_flag_catches_sigterm_and_sigusr1():
   for sig in (signal.SIGTERM, signal.SIGUSR1):
     with logs.StopFlag() as stop:
       assert not stop
+      assert stop.reason(100) is None and stop.reason(100, stop_after=100) == "stop_after"
+      assert stop.reason(50, stop_after=100) is None
       signal.raise_signal(sig)
       assert stop and stop.signal == sig
+      assert stop.reason(50) == signal.Signals(sig).name
+      assert stop.reason(100, stop_after=100) == "stop_after"  # the planned stop names itself
     assert signal.getsignal(sig) is not stop._handle
