@@ -28,10 +28,9 @@ import time
 import jax
 import numpy as np
 from absl import app, flags
-from ml_collections import config_flags
 from tqdm import tqdm
 
-from experiments import collect
+from experiments import cli, collect
 from mrcom_jax.adaptation import program as program_lib
 from mrcom_jax.adaptation import results as results_lib
 from mrcom_jax.agents import sac as sac_lib
@@ -64,18 +63,13 @@ def validate(c) -> None:
     (c.target.episode_length > 0, "target.episode_length", c.target.episode_length, "> 0"),
     (r.chunk > 0, "run.chunk", r.chunk, "must be > 0"),
   ]
-  for name in ("real_steps", "checkpoint_every"):
-    value = a.real_steps if name == "real_steps" else r.checkpoint_every
-    field = f"adapt.{name}" if name == "real_steps" else f"run.{name}"
-    checks.append(
-      (value % r.chunk == 0, field, value, f"must be a multiple of run.chunk={r.chunk}")
-    )
-  checks.append(
-    (
-      c.eval.every > 0 and c.eval.every % r.chunk == 0, "eval.every", c.eval.every,
-      f"must be a positive multiple of run.chunk={r.chunk}",
-    )
-  )  # fmt: skip
+  multiple = f"must be a multiple of run.chunk={r.chunk}"
+  sizes = (("adapt.real_steps", a.real_steps), ("run.checkpoint_every", r.checkpoint_every))
+  for field, value in sizes:
+    checks.append((value % max(r.chunk, 1) == 0, field, value, multiple))
+  every = c.eval.every
+  checks.append((every > 0 and every % max(r.chunk, 1) == 0, "eval.every", every,
+                 f"must be a positive multiple of run.chunk={r.chunk}"))  # fmt: skip
   for ok, field, value, what in checks:
     if not ok:
       raise ValueError(f"config.{field}={value!r} {what}")
@@ -478,24 +472,16 @@ def main(argv) -> None:
 
 
 def define_flags(flag_values=flags.FLAGS, sys_argv=None):
-  """Command-line flags, defined only when run as a program (so the module imports cleanly).
-
-  Launchers and tests check an argument list with a fresh `flags.FlagValues()` and
-  `sys_argv=[prog, *args]` (ml_collections reads the `--config.*` overrides from it).
-  """
+  """Command-line flags, defined only when run as a program (so the module imports cleanly);
+  see `cli.define_run_flags` for checking an argument list without running."""
   global _CONFIG, _WORKDIR
-  config = config_flags.DEFINE_config_file(
-    "config",
+  config, workdir = cli.define_run_flags(
     "experiments/configs/adapt.py",
     "Adaptation config file (preset after ':').",
-    flag_values=flag_values,
-    sys_argv=sys_argv,
-  )
-  workdir = flags.DEFINE_string(
-    "workdir",
     "runs/adapt",
     "Run directory: checkpoints, metrics, config, results, plot.",
-    flag_values=flag_values,
+    flag_values,
+    sys_argv,
   )
   if flag_values is flags.FLAGS:
     _CONFIG, _WORKDIR = config, workdir

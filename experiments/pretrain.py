@@ -24,10 +24,9 @@ import time
 import jax
 import numpy as np
 from absl import app, flags
-from ml_collections import config_flags
 from tqdm import tqdm
 
-from experiments import collect
+from experiments import cli, collect
 from mrcom_jax.data import dataset as dataset_lib
 from mrcom_jax.data import sampler as sampler_lib
 from mrcom_jax.envs import obs_functions, specs
@@ -314,24 +313,16 @@ def main(argv) -> None:
 
 
 def define_flags(flag_values=flags.FLAGS, sys_argv=None):
-  """Command-line flags, defined only when run as a program (so the module imports cleanly).
-
-  Launchers and tests check an argument list with a fresh `flags.FlagValues()` and
-  `sys_argv=[prog, *args]` (ml_collections reads the `--config.*` overrides from it).
-  """
+  """Command-line flags, defined only when run as a program (so the module imports cleanly);
+  see `cli.define_run_flags` for checking an argument list without running."""
   global _CONFIG, _WORKDIR
-  config = config_flags.DEFINE_config_file(
-    "config",
+  config, workdir = cli.define_run_flags(
     "experiments/configs/meta.py",
     "Pretraining config file (preset after ':').",
-    flag_values=flag_values,
-    sys_argv=sys_argv,
-  )
-  workdir = flags.DEFINE_string(
-    "workdir",
     "runs/meta",
     "Run directory: checkpoints, metrics, config, summary (and data).",
-    flag_values=flag_values,
+    flag_values,
+    sys_argv,
   )
   if flag_values is flags.FLAGS:
     _CONFIG, _WORKDIR = config, workdir
