@@ -107,14 +107,26 @@ def init_values(spec, key: jax.Array):
   return model_lib.init_params(shapes, key)
 
 
-def make_loss(world_model: model_lib.WorldModel):
+def make_loss(world_model: model_lib.WorldModel, axis_name: str | None = None):
   """Returns `loss(variables, values, target, batch, key) -> (total, metrics)` (Eq. 16).
 
   `values` holds {'v', 'v_meta'} params and `target` V̄'s params ({'v'}), both None under
   no_meta_value. `key` is one PRNG key or [B] per-row keys. Metrics hold every term, the total,
   and per-domain means `<term>/<domain>` of the per-step terms.
+
+  With `axis_name` (inside `shard_map` over rows of the batch) every mean divides this shard's
+  sum by the whole batch's count (a `psum` of the masks): the total and every metric are this
+  shard's share, and their `psum` over the axis is the whole batch's value.
   """
   spec = world_model.spec
+
+  def mean(x, mask):
+    if axis_name is None:
+      return masked_mean(x, mask)
+    mask = mask.astype(bool)
+    count = jax.lax.psum(jnp.sum(mask), axis_name)
+    return jnp.sum(jnp.where(mask, x, 0.0)) / jnp.maximum(count, 1)
+
   k = spec.context_len
   value_net, meta_net = make_values(spec)
   gamma = spec.discount
@@ -168,18 +180,18 @@ def make_loss(world_model: model_lib.WorldModel):
           td_target(reward[:, :-1], v_hat, gamma) - sg(v_meta[:, :-1])
         )
     pairs = pair_mask(win.first, valid)
-    terms = {name: masked_mean(x, valid) for name, x in per_step.items()}
-    terms.update({name: masked_mean(x, pairs) for name, x in per_pair.items()})
+    terms = {name: mean(x, valid) for name, x in per_step.items()}
+    terms.update({name: mean(x, pairs) for name, x in per_pair.items()})
     total = total_loss(terms, spec)
     metrics = dict(terms, total=total, wm=world_model_loss(terms))
     for d, name in enumerate(specs.DOMAIN_NAMES):
       in_domain = (batch.domain == d)[:, None]
       for term, x in per_step.items():
-        metrics[f"{term}/{name}"] = masked_mean(x, valid & in_domain)
+        metrics[f"{term}/{name}"] = mean(x, valid & in_domain)
       for term, x in per_pair.items():
-        metrics[f"{term}/{name}"] = masked_mean(x, pairs & in_domain)
+        metrics[f"{term}/{name}"] = mean(x, pairs & in_domain)
     if spec.use_meta_value:
-      metrics["value_mean"] = masked_mean(v, valid)
+      metrics["value_mean"] = mean(v, valid)
     return total, metrics
 
   return loss

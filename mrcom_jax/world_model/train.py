@@ -3,7 +3,8 @@
 `make_train_step(config, mesh)` returns `train_step(state, batch) -> (state, metrics)`: it
 donates its state, takes one AdamW step for the world model (with r_ψ) and one for the values
 (each with its own state and global-norm clipping), and moves the target V̄ by Polyak averaging.
-Given a mesh, the batch is sharded along 'data' and the state replicated; the program is the same.
+Given a mesh, the batch is sharded along 'data' and the state replicated; each device computes
+its rows' share of the loss and gradients and one all-reduce combines them (`make_update`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
+from jax.sharding import PartitionSpec as P
 
 from mrcom_jax.training import sharding
 from mrcom_jax.world_model import losses
@@ -79,23 +81,48 @@ def init_train_state(
   )
 
 
-def make_update(config):
-  """The un-jitted update `(state, batch) -> (state, metrics)`."""
+def make_update(config, mesh=None):
+  """The un-jitted update `(state, batch) -> (state, metrics)`.
+
+  Without a mesh it is one program on one device. With one, the loss and its gradients are
+  computed under `shard_map`: each device differentiates its own rows (every mean divides by
+  the whole batch's count, `losses.make_loss(axis_name=...)`), and one `psum` of the gradients
+  and metrics at the end makes them the whole batch's. Letting XLA partition the plain program
+  instead all-reduces the recurrent cell's gradients inside the backward scan, once per time
+  step; here there is one all-reduce per update. Randomness is one key per row either way, so
+  both give the same numbers up to summation order.
+  """
   world_model = model_lib.make_world_model(config)
   spec = world_model.spec
-  loss_fn = losses.make_loss(world_model)
+  axis = None if mesh is None else sharding.DATA_AXIS
+  loss_fn = losses.make_loss(world_model, axis_name=axis)
   tx_model = make_optimizer(config.model_opt)
   tx_values = make_optimizer(config.value_opt)
 
-  def update(state: TrainState, batch):
-    key, key_loss = jax.random.split(state.key)
-
+  def gradients(variables, values, target, batch, keys):
     def objective(params, values):
-      variables = {**state.variables, "params": params}
-      return loss_fn(variables, values, state.target, batch, key_loss)
+      return loss_fn({**variables, "params": params}, values, target, batch, keys)
 
     grad_fn = jax.value_and_grad(objective, argnums=(0, 1), has_aux=True)
-    (_, metrics), (g_model, g_values) = grad_fn(state.variables["params"], state.values)
+    (_, metrics), grads = grad_fn(variables["params"], values)
+    if axis is not None:
+      grads, metrics = jax.lax.psum((grads, metrics), axis)
+    return grads, metrics
+
+  if mesh is not None:
+    rows = P(sharding.DATA_AXIS)
+    # check_vma=False: the model builds its initial latents from shapes (not device-varying),
+    # so the type check would reject the scans; the one psum above is the only reduction.
+    gradients = jax.shard_map(
+      gradients, mesh=mesh, in_specs=(P(), P(), P(), rows, rows), out_specs=P(), check_vma=False
+    )
+
+  def update(state: TrainState, batch):
+    key, key_loss = jax.random.split(state.key)
+    keys = model_lib.row_keys(key_loss, batch.reward.shape[0])
+    (g_model, g_values), metrics = gradients(
+      state.variables, state.values, state.target, batch, keys
+    )
     params = state.variables["params"]
     updates, opt_model = tx_model.update(g_model, state.opt_model, params)
     params = optax.apply_updates(params, updates)
@@ -122,7 +149,7 @@ def make_update(config):
 
 def make_train_step(config, mesh=None, donate: bool = True):
   """The jitted update. With a mesh: batch sharded on 'data', state and metrics replicated."""
-  update = make_update(config)
+  update = make_update(config, mesh)
   donate_argnums = (0,) if donate else ()
   if mesh is None:
     return jax.jit(update, donate_argnums=donate_argnums)
