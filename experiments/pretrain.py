@@ -35,6 +35,7 @@ from mrcom_jax.training import logs, sharding
 from mrcom_jax.world_model import config as wm_config
 from mrcom_jax.world_model import evaluation
 from mrcom_jax.world_model import model as model_lib
+from mrcom_jax.world_model import normalizer as normalizer_lib
 from mrcom_jax.world_model import train as train_lib
 
 log = logging.getLogger(__name__)
@@ -96,16 +97,6 @@ def validate(c) -> None:
     )
   wm_config.resolve(c.world_model)  # its own checks (mv_mode, ...)
   collect.validate(c.collect)
-
-
-def maybe_initialize_distributed(mode: str) -> None:
-  """`jax.distributed.initialize()` under Slurm with several tasks or on a multi-host TPU pod."""
-  if mode == "off" or jax.distributed.is_initialized():
-    return
-  multi_slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1
-  multi_tpu = "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
-  if mode == "on" or multi_slurm or multi_tpu:
-    jax.distributed.initialize()
 
 
 # ---- data -------------------------------------------------------------------------------------
@@ -178,7 +169,7 @@ def pretrain(c, workdir: str, *, stop_after: int | None = None, verbose: bool = 
     verbose: progress bar and printed summary.
   """
   validate(c)
-  maybe_initialize_distributed(c.train.distributed)
+  sharding.initialize_distributed(c.train.distributed)
   os.makedirs(workdir, exist_ok=True)
   datasets = ensure_datasets(c, workdir)
   wm = c.world_model
@@ -194,10 +185,16 @@ def pretrain(c, workdir: str, *, stop_after: int | None = None, verbose: bool = 
     datasets, window=window, batch_size=wm.batch_size, obs_fn=c.data.obs_fn, seed=c.seed,
     mesh=mesh, holdout_streams=c.data.holdout_streams, prefetch=c.data.prefetch,
   )  # fmt: skip
-  logs.write_run_info(workdir, c, {"mesh": dict(mesh.shape)})
-  normalizer = sampler_lib.fit_normalizer(
-    datasets, c.data.obs_fn, c.seed, num_records=c.data.normalizer_records
-  )
+  primary = sharding.is_primary()
+  if primary:
+    logs.write_run_info(workdir, c, {"mesh": dict(mesh.shape)})
+  normalizer = sharding.from_primary(
+    sampler_lib.fit_normalizer(
+      datasets, c.data.obs_fn, c.seed, num_records=c.data.normalizer_records
+    )
+    if primary
+    else normalizer_lib.Normalizer.identity()
+  )  # fitted on process 0's reads only, then shared
   state = train_lib.init_train_state(wm, jax.random.PRNGKey(c.seed), normalizer)
   state = sharding.replicate(state, mesh)
   ckpt = checkpoint_lib.Checkpointer(
@@ -209,12 +206,15 @@ def pretrain(c, workdir: str, *, stop_after: int | None = None, verbose: bool = 
   restored = ckpt.restore_latest(state, config=c.to_dict())
   if restored is not None:
     start, state, _ = restored
-    print(f"resuming from the checkpoint at update {start}")
+    if primary:
+      print(f"resuming from the checkpoint at update {start}")
   train_step = train_lib.make_train_step(wm, mesh)
-  writer = logs.MetricWriter(workdir, resume_step=start)
+  writer = logs.MetricWriter(workdir, resume_step=start, active=primary)
   total = c.train.num_updates
   step, last_ckpt, stopped_by = start, (start if restored is not None else None), None
-  bar = tqdm(total=total, initial=start, unit="upd", disable=not verbose, dynamic_ncols=True)
+  bar = tqdm(
+    total=total, initial=start, unit="upd", disable=not (verbose and primary), dynamic_ncols=True
+  )
   try:
     with logs.StopFlag() as stop:
       batches = sampler.batches(start=start)
@@ -249,10 +249,11 @@ def pretrain(c, workdir: str, *, stop_after: int | None = None, verbose: bool = 
     writer.close()
     sampler.close()
   if stopped_by:
-    print(f"stopped by {stopped_by} at update {step}; checkpoint saved, rerun to resume")
+    if primary:
+      print(f"stopped by {stopped_by} at update {step}; checkpoint saved, rerun to resume")
     return Run(state, step, stopped_by, None)
   summary = summarise(c, state, sampler, workdir)
-  if verbose:
+  if verbose and primary:
     print_summary(summary)
   return Run(state, step, None, summary)
 
@@ -262,7 +263,11 @@ _open_loop_errors = jax.jit(evaluation.open_loop_errors, static_argnums=(0, 3, 4
 
 
 def summarise(c, state: train_lib.TrainState, sampler, workdir: str) -> dict:
-  """One-step and multi-step open-loop prediction error per domain on held-out episodes."""
+  """One-step and multi-step open-loop prediction error per domain on held-out episodes.
+
+  Every process computes it (each reads its share of the held-out windows, then all are
+  gathered); process 0 writes `summary.json`.
+  """
   wm = c.world_model
   world_model = model_lib.make_world_model(wm)
   variables = jax.device_get(state.variables)
@@ -271,7 +276,7 @@ def summarise(c, state: train_lib.TrainState, sampler, workdir: str) -> dict:
   window = wm.context_len + burn_in + max(horizons)
   n_domains = len(c.data.domains)
   batch = sampler.holdout_batch(c.eval.windows * n_domains, window=window, seed=c.seed + 1)
-  batch = jax.device_get(batch)
+  batch = sharding.to_host(batch)
   domains = np.asarray(batch.domain)
   out = {"updates": int(state.step), "windows_per_domain": int(c.eval.windows), "domains": {}}
   errors = np.asarray(
@@ -289,7 +294,8 @@ def summarise(c, state: train_lib.TrainState, sampler, workdir: str) -> dict:
     k = max(1, math.ceil(len(metrics) / 10))
     out["loss_first"] = float(np.mean([m["total"] for m in metrics[:k]]))
     out["loss_last"] = float(np.mean([m["total"] for m in metrics[-k:]]))
-  logs.write_json(os.path.join(workdir, "summary.json"), out)
+  if sharding.is_primary():
+    logs.write_json(os.path.join(workdir, "summary.json"), out)
   return out
 
 

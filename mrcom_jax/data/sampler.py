@@ -83,18 +83,21 @@ def _perturb(spec: specs.DomainSpec, fn_id, seed_key, obs, stream, step):
   return jax.vmap(f)(obs, stream, step)
 
 
-def _assemble(domain_ids: tuple[int, ...], fn_id, seed_key, groups) -> Batch:
+def _assemble(domain_ids: tuple[int, ...], offset: int, fn_id, seed_key, groups) -> Batch:
   """Finalises host-gathered windows into a Batch (traced inside jit).
 
   Args:
     domain_ids: static, the domains present, in row-cycle order.
+    offset: static, the global index of the first row modulo len(domain_ids) (0 for a whole
+      batch; a process's block of rows may start elsewhere).
     fn_id: int32 scalar observation-function id.
     seed_key: [2] uint32.
     groups: one dict per domain, its rows in batch order: obs [n, W, d_o], action [n, W, d_a],
       reward [n, W], first [n, W] bool, xi [n, 6], stream [n] int32, step0 [n] int32.
 
   Returns:
-    A Batch of B = Σ n rows; row b is row b // len(domain_ids) of group b % len(domain_ids).
+    A Batch of m = Σ n rows; row r belongs to domain_ids[(offset + r) % len(domain_ids)] and is
+    that group's next row.
   """
   parts = []
   for d, g in zip(domain_ids, groups, strict=True):
@@ -103,7 +106,12 @@ def _assemble(domain_ids: tuple[int, ...], fn_id, seed_key, groups) -> Batch:
     step = g["step0"][:, None] + jnp.arange(w, dtype=jnp.int32)
     stream = jnp.broadcast_to(g["stream"][:, None], (n, w))
     obs = _perturb(
-      spec, fn_id, seed_key, g["obs"].reshape(n * w, -1), stream.reshape(-1), step.reshape(-1)
+      spec,
+      fn_id,
+      seed_key,
+      g["obs"].reshape(n * w, spec.obs_dim),
+      stream.reshape(-1),
+      step.reshape(-1),
     ).reshape(n, w, specs.OBS_PAD)
     parts.append(
       dict(
@@ -119,27 +127,36 @@ def _assemble(domain_ids: tuple[int, ...], fn_id, seed_key, groups) -> Batch:
       )
     )
   sizes = [p["reward"].shape[0] for p in parts]
-  order = _row_order(sizes)
+  order = _row_order(sizes, offset)
   fields = {k: jnp.concatenate([p[k] for p in parts])[order] for k in parts[0]}
   return Batch(**fields)
 
 
-def _row_order(sizes: Sequence[int]) -> np.ndarray:
-  """Positions in the concatenated groups of the rows b = 0..B-1 (group b % G, entry b // G)."""
-  g, b = len(sizes), sum(sizes)
-  offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-  rows = np.arange(b)
-  order = offsets[rows % g] + rows // g
-  expected = [len(range(j, b, g)) for j in range(g)]
+def _group_rows(num_groups: int, rows: slice, group: int) -> np.ndarray:
+  """The global rows b in [rows.start, rows.stop) with b % num_groups == group, in order."""
+  first = rows.start + (group - rows.start) % num_groups
+  return np.arange(first, rows.stop, num_groups)
+
+
+def _row_order(sizes: Sequence[int], offset: int = 0) -> np.ndarray:
+  """Positions in the concatenated groups of the rows r = 0..m-1: row r is the next entry of
+  group (offset + r) % G."""
+  g, m = len(sizes), sum(sizes)
+  offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+  rows = np.arange(m)
+  group = (offset + rows) % g
+  entry = (rows - (group - offset) % g) // g
+  expected = [len(_group_rows(g, slice(offset, offset + m), j)) for j in range(g)]
   if list(sizes) != expected:
     raise ValueError(f"group sizes {sizes} do not follow the cyclic row assignment {expected}")
-  return order
+  return offsets[group] + entry
 
 
 @functools.cache
-def _assembler(domain_ids: tuple[int, ...], mesh: Mesh | None):
-  """The jitted `_assemble` of a layout (shapes retrace; the obs function id is data)."""
-  fn = functools.partial(_assemble, domain_ids)
+def _assembler(domain_ids: tuple[int, ...], offset: int, mesh: Mesh | None):
+  """The jitted `_assemble` of a layout (shapes retrace; the obs function id is data); its rows
+  are split across `mesh`'s 'data' axis when given."""
+  fn = functools.partial(_assemble, domain_ids, offset)
   if mesh is None:
     return jax.jit(fn)
   return jax.jit(
@@ -278,7 +295,8 @@ class WindowSampler:
       batch_size: B, at least the number of domains present (and divisible by the mesh size).
       obs_fn: observation function name or id.
       seed: experiment seed ≥ 0.
-      mesh: if given, batches are sharded along its 'data' axis.
+      mesh: if given, batches are sharded along its 'data' axis; a mesh over several processes
+        makes each process read only its own rows.
       holdout_streams: the last this many streams of each dataset are held out of training.
       prefetch: batches the background thread keeps ready (0: no thread).
 
@@ -338,7 +356,6 @@ class WindowSampler:
       d: np.arange(j, batch_size, len(self.domain_ids)) for j, d in enumerate(self.domain_ids)
     }
     self._seed_key = np.asarray(jax.random.PRNGKey(self.seed))
-    self._assemble = _assembler(self.domain_ids, mesh)
     self._iterators: set[BatchIterator] = set()
     self.wait_seconds = 0.0
 
@@ -373,16 +390,31 @@ class WindowSampler:
   def gather(self, index: WindowIndex, window: int | None = None) -> Batch:
     """Reads the windows of `index` from the memory maps and finalises them into a Batch.
 
-    Row b must belong to domain `domain_ids[b % len(domain_ids)]`.
+    Row b must belong to domain `domain_ids[b % len(domain_ids)]`. With a mesh that spans several
+    processes, each process reads only the rows its devices hold (`sharding.process_rows`) and
+    the result is one global array sharded along 'data'.
     """
     window = self.window if window is None else window
     n = len(index.dataset)
     self._check_mesh(n)
+    if self.mesh is None:
+      return self.gather_rows(index, slice(0, n), window)
+    local = self.gather_rows(index, sharding.process_rows(self.mesh, n), window)
+    return sharding.global_batch(local, self.mesh, n)
+
+  def gather_rows(self, index: WindowIndex, rows: slice, window: int | None = None) -> Batch:
+    """Rows [rows.start, rows.stop) of the batch `index` describes, reading only those windows.
+
+    Equal to those rows of the whole batch. Split across this process's devices when the sampler
+    has a mesh (`sharding.local_sharding`), else on the default device.
+    """
+    window = self.window if window is None else window
+    num_domains = len(self.domain_ids)
     groups = []
     for j, d in enumerate(self.domain_ids):
-      rows = np.arange(j, n, len(self.domain_ids))
       spec = specs.DOMAINS[d]
-      m = len(rows)
+      picked = _group_rows(num_domains, rows, j)
+      m = len(picked)
       g = dict(
         obs=np.empty((m, window, spec.obs_dim), np.float32),
         action=np.empty((m, window, spec.act_dim), np.float32),
@@ -392,7 +424,7 @@ class WindowSampler:
         stream=np.empty((m,), np.int32),
         step0=np.empty((m,), np.int32),
       )
-      for r, b in enumerate(rows):
+      for r, b in enumerate(picked):
         ds = self.datasets[index.dataset[b]]
         if ds.spec.id != d:
           raise ValueError(f"row {b} should hold {spec.name}, its dataset holds {ds.domain}")
@@ -411,7 +443,9 @@ class WindowSampler:
         g["stream"][r] = chunk.stream[row]
         g["step0"][r] = chunk.step0[row] + t0
       groups.append(g)
-    return self._assemble(np.int32(self.obs_fn), self._seed_key, tuple(groups))
+    mesh = None if self.mesh is None else self.mesh.local_mesh
+    assemble = _assembler(self.domain_ids, rows.start % num_domains, mesh)
+    return assemble(np.int32(self.obs_fn), self._seed_key, tuple(groups))
 
   def batch(self, i: int) -> Batch:
     """Batch i, synchronously (what `batches` yields at position i)."""

@@ -12,6 +12,9 @@ a readable step whose fingerprint differs from `target` (e.g. another model size
 `CheckpointMismatchError` naming the differing leaves and config fields, because silently
 starting afresh would lose the run. orbax writes each step into a temporary directory and renames
 it when complete, so a partial save is never listed as a step.
+
+Multi-process runs: every process calls `save` and `restore_latest` with its global arrays, as
+orbax requires; orbax writes each replicated array once and coordinates the processes.
 """
 
 from __future__ import annotations
@@ -133,12 +136,14 @@ class Checkpointer:
       force=True,
     )
 
-  def restore_latest(self, target, config: dict | None = None):
+  def restore_latest(self, target, config: dict | None = None, max_step: int | None = None):
     """The newest readable checkpoint shaped like `target`: (step, state, meta), or None.
 
     Args:
       target: a pytree of arrays or `jax.ShapeDtypeStruct`s (with shardings) like the state.
       config: this run's resolved config (a dict), used to name differing fields on mismatch.
+      max_step: if given, only steps ≤ max_step are considered (e.g. to compare two runs at
+        one step).
 
     Raises:
       CheckpointMismatchError: the newest readable checkpoint has a different fingerprint.
@@ -146,7 +151,8 @@ class Checkpointer:
     self._manager.reload()
     current = fingerprint(target)
     abstract = _pack(jax.tree.map(ocp.utils.to_shape_dtype_struct, target))
-    for step in reversed(self.steps()):
+    steps = [s for s in self.steps() if max_step is None or s <= max_step]
+    for step in reversed(steps):
       try:
         meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
           "meta"
@@ -181,7 +187,7 @@ class Checkpointer:
     """Moves a bad step to `corrupted_<step>` (kept for inspection) so the run can redo it."""
     src = os.path.join(self.directory, str(step))
     dst = os.path.join(self.directory, f"corrupted_{step}")
-    if os.path.isdir(src):
+    if jax.process_index() == 0 and os.path.isdir(src):  # one mover on a shared filesystem
       shutil.rmtree(dst, ignore_errors=True)
       os.replace(src, dst)
       log.warning("moved the bad checkpoint to %s", dst)

@@ -22,6 +22,8 @@ import sys
 import jax
 import numpy as np
 
+from mrcom_jax.training import sharding
+
 PACKAGES = (
   "jax", "jaxlib", "flax", "optax", "chex", "orbax-checkpoint", "mujoco", "mujoco-mjx",
   "dm_control", "numpy", "ml_collections", "tensorboardX",
@@ -104,20 +106,31 @@ def write_run_info(workdir: str, config, extra: dict | None = None) -> dict:
 
 
 class MetricWriter:
-  """Scalars to TensorBoard and `metrics.jsonl` (one JSON object per logged step)."""
+  """Scalars to TensorBoard and `metrics.jsonl` (one JSON object per logged step).
 
-  def __init__(self, workdir: str, resume_step: int = 0, tensorboard: bool = True):
+  In a multi-process run only process 0 writes: elsewhere (`active=False`) `write` does nothing
+  and no file is opened, so the processes never interleave lines.
+  """
+
+  def __init__(
+    self, workdir: str, resume_step: int = 0, tensorboard: bool = True, active: bool = True
+  ):
     self.path = os.path.join(workdir, "metrics.jsonl")
+    self.active = active
+    self._file = self._tb = None
+    if not active:
+      return
     if os.path.exists(self.path):
       _truncate_jsonl(self.path, resume_step)
     self._file = open(self.path, "a")
-    self._tb = None
     if tensorboard:
       from tensorboardX import SummaryWriter
 
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step or None)
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
+    if not self.active:
+      return
     row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
     self._file.write(json.dumps(row) + "\n")
     self._file.flush()
@@ -126,7 +139,8 @@ class MetricWriter:
         self._tb.add_scalar(k, float(v), int(step))
 
   def close(self) -> None:
-    self._file.close()
+    if self._file is not None:
+      self._file.close()
     if self._tb is not None:
       self._tb.close()
 
@@ -187,7 +201,13 @@ class StopFlag:
 
   def reason(self, step: int, stop_after: int | None = None) -> str | None:
     """Why a training loop stops after `step`: 'stop_after' (a planned stop, as tests use),
-    the signal's name, or None to go on."""
+    the signal's name, or None to go on.
+
+    With several processes every one must call this at the same step: they agree, so a signal
+    that reached one process stops all of them at the same boundary (else the others would
+    wait forever in the next collective).
+    """
     if stop_after is not None and step >= stop_after:
       return "stop_after"
-    return self.name if self else None
+    code = sharding.max_over_processes(self.signal or 0)
+    return signal.Signals(code).name if code else None

@@ -137,7 +137,7 @@ def test_same_record_same_perturbation_at_any_position(datasets):
 
 
 def test_obs_fn_is_data_no_recompile(datasets, sampler):
-  jitted = sampler_lib._assembler((0, 1, 2), None)
+  jitted = sampler_lib._assembler((0, 1, 2), 0, None)
   sampler.batch(0)
   before = jitted._cache_size()
   for name in ("mask_random", "add_distractor"):
@@ -220,6 +220,19 @@ def test_errors(datasets):
   fake_mesh = types.SimpleNamespace(shape={sharding.DATA_AXIS: 4})
   with pytest.raises(ValueError, match="batch size 6 is not divisible by the mesh's 4 devices"):
     WindowSampler(datasets, window=WINDOW, mesh=fake_mesh, **kw)
+
+
+def test_a_block_of_rows_equals_those_rows_of_the_whole_batch(datasets, sampler):
+  # What one process of a multi-host run reads: its block may start at any row (so at any domain
+  # of the cycle); it reads only those windows and assembles the same values.
+  idx = sampler.indices(4)
+  whole = jax.device_get(sampler.gather(idx))
+  for rows in (slice(1, 5), slice(2, 6), slice(5, 6)):
+    part = jax.device_get(sampler.gather_rows(idx, rows))
+    for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(part), strict=True):
+      np.testing.assert_array_equal(a[rows], b)
+  np.testing.assert_array_equal(sampler_lib._group_rows(3, slice(4, 11), 0), [6, 9])
+  np.testing.assert_array_equal(sampler_lib._row_order([2, 3, 2], offset=1), [2, 5, 0, 3, 6, 1, 4])
 
 
 def test_one_device_mesh_shards_the_batch(datasets):

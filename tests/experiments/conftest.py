@@ -9,13 +9,21 @@ few minutes, most of it compiling one runner program per domain and one world-mo
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import textwrap
 
+import jax
+import numpy as np
 import pytest
 
 from experiments import adapt, pretrain
 from experiments.configs import adapt as adapt_presets
 from experiments.configs import meta
+from mrcom_jax.training import checkpoint as checkpoint_lib
+from mrcom_jax.world_model import normalizer as normalizer_lib
+from mrcom_jax.world_model import train as train_lib
+from tests import distributed
 
 EPISODE = 50  # control steps per episode in the pipeline tests (51 records)
 
@@ -96,3 +104,76 @@ def adapt_run(adapt_pretrained, tmp_path_factory) -> adapt.AdaptRun:
   """`experiments.adapt` end to end with rollouts: 2 seeds on the explicit cheetah target."""
   workdir = str(tmp_path_factory.mktemp("adapt"))
   return adapt.adapt(adapt_config(adapt_pretrained), workdir, verbose=False)
+
+
+# One subprocess (4 CPU devices must exist before JAX starts) pretrains on the pipeline's data
+# with batch 8 on 1 device and on 4, each stopped after 20 updates and resumed to 100; the
+# data-parallel and multi-host tests compare against these runs.
+DATA_PARALLEL_OVERRIDES = {
+  "train.num_updates": 100,
+  "train.chunk": 10,
+  "train.checkpoint_every": 10,
+  "train.max_to_keep": 10,
+  "world_model.batch_size": 8,
+}
+_DATA_PARALLEL_SCRIPT = textwrap.dedent(
+  """
+  import json, os, sys
+  import jax, numpy as np
+  from experiments import pretrain
+  from tests.experiments.conftest import DATA_PARALLEL_OVERRIDES, pipeline_config
+  assert len(jax.devices()) == 4, jax.devices()
+  data, out = sys.argv[1], sys.argv[2]
+  report = {}
+  for n in (1, 4):
+    workdir = os.path.join(out, f"devices{n}")
+    os.makedirs(workdir)
+    os.symlink(data, os.path.join(workdir, "data"))
+    c = pipeline_config(**DATA_PARALLEL_OVERRIDES, **{"train.num_devices": n})
+    early = pretrain.pretrain(c, workdir, stop_after=20, verbose=False)
+    late = pretrain.pretrain(c, workdir, verbose=False)
+    leaf = jax.tree.leaves(late.state.variables["params"])[0]
+    report[n] = dict(workdir=workdir, stopped_at=early.step, final=late.step,
+                     devices=len(leaf.sharding.device_set),
+                     replicated=bool(leaf.sharding.is_fully_replicated))
+  print("REPORT " + json.dumps(report))
+  """
+)
+
+
+@dataclasses.dataclass
+class DataParallelRuns:
+  """The workdirs (checkpoints every 10 updates, metrics) and facts of the two runs."""
+
+  one: dict
+  four: dict
+
+
+@pytest.fixture(scope="session")
+def data_parallel_runs(pipeline, tmp_path_factory) -> DataParallelRuns:
+  out = tmp_path_factory.mktemp("data_parallel")
+  result = distributed.run(["-c", _DATA_PARALLEL_SCRIPT, pipeline.data_dir, str(out)], 4, 900)
+  assert result.returncode == 0, result.tail()
+  line = [ln for ln in result.stdout.splitlines() if ln.startswith("REPORT ")]
+  assert line, result.tail()
+  report = json.loads(line[-1].removeprefix("REPORT "))
+  return DataParallelRuns(report["1"], report["4"])
+
+
+def checkpoint_params(workdir: str, step: int) -> list:
+  """The world-model parameters of `workdir`'s checkpoint at `step`, as numpy leaves."""
+  c = pipeline_config(**DATA_PARALLEL_OVERRIDES)
+  target = train_lib.init_train_state(
+    c.world_model, jax.random.PRNGKey(0), normalizer_lib.Normalizer.identity()
+  )
+  with checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
+    got, state, _ = ckpt.restore_latest(target, max_step=step)
+  assert got == step, (workdir, got)
+  return [np.asarray(x) for x in jax.tree.leaves(state.variables["params"])]
+
+
+def relative_difference(xs, ys) -> float:
+  """max over leaves of ‖a − b‖ / ‖a‖."""
+  return max(
+    float(np.linalg.norm(a - b) / (np.linalg.norm(a) + 1e-12)) for a, b in zip(xs, ys, strict=True)
+  )

@@ -41,6 +41,17 @@ def test_max_to_keep_drops_old_steps(tmp_path):
     assert ck.steps() == [2, 3]
 
 
+def test_max_step_restores_an_earlier_step(tmp_path):
+  with checkpoint.Checkpointer(str(tmp_path), max_to_keep=3) as ck:
+    for step in (10, 20, 30):
+      ck.save(step, _state(offset=step), {"data_position": step})
+    ck.wait()
+    step, state, meta = ck.restore_latest(_state(), max_step=25)
+    assert ck.restore_latest(_state(), max_step=5) is None
+  assert step == 20 and meta["data_position"] == 20
+  np.testing.assert_array_equal(state["bias"], [20.0, 20.0])
+
+
 def test_corrupted_latest_falls_back_to_previous(tmp_path, caplog):
   with checkpoint.Checkpointer(str(tmp_path), max_to_keep=3) as ck:
     ck.save(1, _state(offset=1.0), {})
