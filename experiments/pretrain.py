@@ -8,6 +8,10 @@ into `<workdir>/data` (or `--config.data.dir`), so one command goes from nothing
 model. Re-running the same command with the same `--workdir` resumes from the latest valid
 checkpoint and continues exactly; SIGTERM or SIGUSR1 saves a checkpoint and exits cleanly.
 
+Multi-host: under Slurm with several tasks or on a TPU pod (`config.train.distributed`), every
+process runs this same function; each reads only its rows of every batch, process 0 alone writes
+the files below, and all of them write the checkpoints together.
+
 The workdir keeps: `config.json` (resolved), `run_info.json` (command lines, versions, devices,
 git revision), `metrics.jsonl` and `tensorboard/` (every loss term, gradient norms, updates/s,
 data wait), `checkpoints/` (orbax) and `summary.json` (held-out prediction errors per domain).

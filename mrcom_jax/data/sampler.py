@@ -13,6 +13,11 @@ so each domain's rows use their static DomainSpec), pads observations to OBS_PAD
 ACT_PAD, builds the masks and returns the Batch, sharded along 'data' when a mesh is given. The
 function id is data: changing it does not recompile. Observations stay raw (unnormalised).
 
+Several processes (multi-host): with a mesh over every process, each process reads from disk and
+assembles only the rows its own devices hold (`sharding.process_rows`), and the blocks are joined
+into one global array without moving data between hosts. Every process draws the same window
+plan, so the batch is the single-process batch, row for row.
+
 Determinism: the windows of batch i are a pure function of (seed, i), so `batches(start=i)`
 resumes exactly from a checkpoint's data position i. A background thread gathers upcoming
 batches from the memory maps, transfers and finalises them into a bounded queue; the time the
