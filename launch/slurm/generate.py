@@ -8,8 +8,9 @@
 
 One node (default): one task with `--gpus` GPUs (pretraining is data-parallel over them; an
 adaptation uses the first). Several nodes (`--nodes=N`, pretraining only): one JAX process per
-GPU (`--ntasks-per-node=--gpus`, one GPU per task) started by `srun`; `experiments.pretrain`
-calls `jax.distributed.initialize()`, which reads Slurm's variables. `--set key=value` adds a
+GPU (`--ntasks-per-node=--gpus`, `--gpus-per-node=--gpus`) started by `srun`;
+`experiments.pretrain` calls `jax.distributed.initialize()`, which reads Slurm's variables and
+gives each process the GPU numbered by its SLURM_LOCALID. `--set key=value` adds a
 config override to every point (e.g. `--set train.num_updates=2000`).
 """
 
@@ -53,6 +54,8 @@ def render(
   """One sbatch script: `args` (without --workdir) run as `python -m experiments.<entry>`."""
   if nodes < 1 or gpus < 0:
     raise ValueError(f"nodes={nodes} must be ≥ 1 and gpus={gpus} ≥ 0")
+  if nodes > 1 and gpus < 1:
+    raise ValueError(f"nodes={nodes} needs gpus ≥ 1 per node: one JAX process runs per GPU")
   if nodes > 1 and entry != "pretrain":
     raise ValueError(
       f"{entry!r} runs on one device: only pretraining spans several nodes (use --nodes=1)"
@@ -72,7 +75,9 @@ def render(
     entry=entry,
     nodes=nodes,
     tasks_per_node=gpus if multi else 1,
-    gpus_per_task=1 if multi else gpus,
+    # Every task sees all of its node's GPUs; jax.distributed.initialize() gives process
+    # SLURM_LOCALID its own (binding one GPU per task would renumber it 0 in the task).
+    gpu_line=f"#SBATCH --gpus-per-node={gpus}" if gpus else "",
     cpus_per_task=cpus,
     time=time,
     grace=grace,

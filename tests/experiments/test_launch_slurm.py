@@ -52,12 +52,17 @@ def test_scripts_are_valid_bash_with_the_points_commands(generated):
     assert "#SBATCH --signal=B:USR1@300" in text and "trap on_usr1 USR1" in text
   two_nodes = open(multi[1]).read()
   assert "#SBATCH --nodes=2" in two_nodes and "#SBATCH --ntasks-per-node=4" in two_nodes
-  assert "#SBATCH --gpus-per-task=1" in two_nodes and "srun --kill-on-bad-exit=1" in two_nodes
+  assert "#SBATCH --gpus-per-node=4" in two_nodes and "srun --kill-on-bad-exit=1" in two_nodes
   submit = open(single[-1]).read()
   # each adaptation waits for its own pretraining run (no_rollouts reuses mrcom's)
   ids = {os.path.basename(p)[:-7]: i for i, p in enumerate(single[1:-1])}
   line = next(x for x in submit.splitlines() if "adapt-d-no_rollouts-s0.sbatch" in x)
   assert f"afterok:$collect:$job{ids['pretrain-wide-mrcom-s0']} " in line
+  assert "#SBATCH --gpus-per-node=1" in open(single[1]).read()  # one task, all the node's GPUs
+  cpu_only = generate.write_sweep(pre[:1], os.path.dirname(single[0]) + "_cpu", gpus=0)
+  assert "--gpus" not in open(cpu_only[1]).read()
+  with pytest.raises(ValueError, match="needs gpus ≥ 1 per node"):
+    generate.write_sweep(pre, os.path.dirname(single[0]) + "_x", nodes=2, gpus=0)
   with pytest.raises(ValueError, match="only pretraining spans several nodes"):
     generate.write_sweep(ada, str(generated[2][0]) + "_x", nodes=2)
   with pytest.raises(ValueError, match="adaptation control"):
