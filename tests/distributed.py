@@ -3,8 +3,10 @@
 Each process gets the variables Slurm's `srun` sets for one task (SLURM_JOB_ID, SLURM_STEP_NODELIST,
 SLURM_NTASKS, SLURM_PROCID, SLURM_LOCALID), so `jax.distributed.initialize()` with no arguments
 finds the coordinator on this machine exactly as on a cluster; JAX derives the coordinator's port
-from the job id, which is chosen so that the port is free. `JAX_NUM_CPU_DEVICES` gives each
-process its own CPU devices; collectives between processes go through gloo on loopback.
+from the job id, which is chosen so that the port is free. The node list is 127.0.0.1 and the
+coordinator binds there too (JAX_COORDINATOR_BIND_ADDRESS), so hosts without IPv6 work.
+`JAX_NUM_CPU_DEVICES` gives each process its own CPU devices; collectives between processes go
+through gloo on loopback.
 """
 
 from __future__ import annotations
@@ -32,17 +34,21 @@ class Result:
     return self.stdout[-n:] + "\n--- stderr ---\n" + self.stderr[-n:]
 
 
+def coordinator_port(job_id: int) -> int:
+  """The coordinator port JAX's Slurm cluster derives from a job id."""
+  return 65535 - _SLURM_PORTS + 1 + job_id % _SLURM_PORTS
+
+
 def free_slurm_job_id() -> int:
-  """A job id whose coordinator port (as JAX's Slurm cluster derives it) is free now."""
-  base = 65535 - _SLURM_PORTS + 1
+  """A job id whose coordinator port is free on 127.0.0.1 now."""
   for _ in range(100):
-    job = random.randrange(_SLURM_PORTS)
-    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+    job = random.randrange(1, 1000) * _SLURM_PORTS + random.randrange(_SLURM_PORTS)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
       try:
-        s.bind(("::", base + job))
+        s.bind(("127.0.0.1", coordinator_port(job)))
       except OSError:
         continue
-    return job + _SLURM_PORTS * random.randrange(1, 1000)
+    return job
   raise RuntimeError("no free port in JAX's Slurm coordinator range")
 
 
@@ -75,7 +81,8 @@ def run_processes(args: list[str], processes: int, devices: int, timeout: float)
     env = process_env(
       devices,
       SLURM_JOB_ID=str(job),
-      SLURM_STEP_NODELIST="localhost",
+      SLURM_STEP_NODELIST="127.0.0.1",
+      JAX_COORDINATOR_BIND_ADDRESS=f"127.0.0.1:{coordinator_port(job)}",
       SLURM_NTASKS=str(processes),
       SLURM_PROCID=str(i),
       SLURM_LOCALID=str(i),
