@@ -27,7 +27,7 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import app
 from tqdm import tqdm
 
 from experiments import cli, collect
@@ -468,24 +468,16 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logs.quiet_libraries()
-  adapt(_CONFIG.value, _WORKDIR.value)
+  adapt(RUN_FLAGS.config.value, RUN_FLAGS.workdir.value)
 
 
-def define_flags(flag_values=flags.FLAGS, sys_argv=None):
-  """Command-line flags, defined only when run as a program (so the module imports cleanly);
-  see `cli.define_run_flags` for checking an argument list without running."""
-  global _CONFIG, _WORKDIR
-  config, workdir = cli.define_run_flags(
-    "experiments/configs/adapt.py",
-    "Adaptation config file (preset after ':').",
-    "runs/adapt",
-    "Run directory: checkpoints, metrics, config, results, plot.",
-    flag_values,
-    sys_argv,
-  )
-  if flag_values is flags.FLAGS:
-    _CONFIG, _WORKDIR = config, workdir
-  return config, workdir
+RUN_FLAGS = cli.RunFlags(
+  "experiments/configs/adapt.py",
+  "Adaptation config file (preset after ':').",
+  "runs/adapt",
+  "Run directory: checkpoints, metrics, config, results, plot.",
+)
+define_flags = RUN_FLAGS.define  # launchers: define_flags(flag_values, sys_argv)
 
 
 if __name__ == "__main__":

@@ -27,3 +27,24 @@ def define_run_flags(
   )
   run_dir = flags.DEFINE_string("workdir", workdir, workdir_help, flag_values=flag_values)
   return config, run_dir
+
+
+class RunFlags:
+  """An entry point's `--config` and `--workdir`, defined only when it runs as a program (so the
+  module imports cleanly).
+
+  `define()` defines them on the global flags and keeps the holders (`config`, `workdir`) for
+  `main`; `define(flag_values, sys_argv)` defines them on other flags (launchers check an
+  argument list that way) and keeps nothing.
+  """
+
+  def __init__(self, config_file: str, config_help: str, workdir: str, workdir_help: str):
+    self._spec = (config_file, config_help, workdir, workdir_help)
+    self.config = self.workdir = None
+
+  def define(self, flag_values=flags.FLAGS, sys_argv=None):
+    """Returns (the config flag holder, the workdir flag holder)."""
+    config, workdir = define_run_flags(*self._spec, flag_values, sys_argv)
+    if flag_values is flags.FLAGS:
+      self.config, self.workdir = config, workdir
+    return config, workdir
