@@ -69,6 +69,11 @@ class Point:
     return "mrcom" if self.method in CONTROLS else self.method
 
   @property
+  def pretrain_point(self) -> Point:
+    """The pretraining run this point's adaptation starts from (itself for a pretraining point)."""
+    return dataclasses.replace(self, entry="pretrain", method=self.pretrain_method)
+
+  @property
   def name(self) -> str:
     if self.entry == "pretrain":
       return f"pretrain-{self.distribution}-{self.method}-s{self.seed}"
@@ -88,8 +93,7 @@ class Point:
     else:
       out["seeds"] = (self.seed,)
       out["target.setting"] = self.setting
-      pre = dataclasses.replace(self, entry="pretrain", method=self.pretrain_method)
-      out["pretrain.workdir"] = pre.workdir
+      out["pretrain.workdir"] = self.pretrain_point.workdir
       out["data_dir"] = f"{self.root}/data"
       out.update(_world_model(self.method))
       if self.method == "no_context":
@@ -135,6 +139,22 @@ def points(
     if p.name not in seen:
       seen.add(p.name)
       out.append(p)
+  return out
+
+
+def parse_overrides(items: list[str]) -> dict[str, str]:
+  """The launchers' `--set KEY=VALUE` items as overrides for every point. Values stay text: the
+  entry point's config flags parse them (`--config.KEY=VALUE`).
+
+  Raises:
+    ValueError: an item without '=' or without a key.
+  """
+  out = {}
+  for item in items:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+      raise ValueError(f"--set {item!r}: expected KEY=VALUE (e.g. train.num_updates=2000)")
+    out[key] = value
   return out
 
 

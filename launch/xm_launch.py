@@ -90,16 +90,11 @@ def sweep_jobs(entry: str, points: list[sweep.Point]) -> list[tuple[str, list[st
   return jobs
 
 
-def _extra(items: list[str]) -> dict:
-  from launch.slurm.generate import _parse_value
-
-  out = {}
-  for item in items:
-    key, sep, value = item.partition("=")
-    if not sep:
-      raise app.UsageError(f"--set {item!r}: expected KEY=VALUE")
-    out[key] = _parse_value(value)
-  return out
+def _overrides(items: list[str]) -> dict[str, str]:
+  try:
+    return sweep.parse_overrides(items)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
 
 
 def main(argv) -> None:
@@ -114,7 +109,7 @@ def main(argv) -> None:
   else:
     points = sweep.points(
       entry, [int(s) for s in _SEEDS.value], _SETTINGS.value, _METHODS.value, _ROOT.value,
-      _PRESET.value, _extra(_SET.value),
+      _PRESET.value, _overrides(_SET.value),
     )  # fmt: skip
     jobs = sweep_jobs(entry, points)
   title = _TITLE.value or f"mrcom {entry} {_PRESET.value} ({len(jobs)} work units)"

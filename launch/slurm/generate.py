@@ -27,15 +27,6 @@ TEMPLATE = os.path.join(os.path.dirname(__file__), "job.sbatch.tmpl")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _parse_value(text: str):
-  for cast in (int, float):
-    try:
-      return cast(text)
-    except ValueError:
-      pass
-  return {"True": True, "False": False}.get(text, text)
-
-
 def render(
   name: str,
   entry: str,
@@ -50,8 +41,10 @@ def render(
   partition: str = "",
   python: str = "python",
   repo: str = REPO,
+  workdir: bool = True,
 ) -> str:
-  """One sbatch script: `args` (without --workdir) run as `python -m experiments.<entry>`."""
+  """One sbatch script: `args` (without --workdir) run as `python -m experiments.<entry>`; with
+  `workdir`, `--workdir=<root>/<job name>` is appended (the collect job takes no workdir)."""
   if nodes < 1 or gpus < 0:
     raise ValueError(f"nodes={nodes} must be ≥ 1 and gpus={gpus} ≥ 0")
   if nodes > 1 and gpus < 1:
@@ -71,6 +64,7 @@ def render(
     else f"One node, one process, {gpus} GPU(s)."
   )
   return template.substitute(
+    workdir_arg='--workdir="$WORKDIR" ' if workdir else "",
     name=name,
     entry=entry,
     nodes=nodes,
@@ -102,7 +96,7 @@ def write_sweep(points: list[sweep.Point], out: str, **job) -> list[str]:
   collect_job = dict(job, nodes=1)
   with open(collect, "w") as f:
     f.write(render("collect", "collect", sweep.collect_args(root, points[0].preset), root,
-                   **collect_job).replace('  --workdir="$WORKDIR" &', "  &"))  # fmt: skip
+                   workdir=False, **collect_job))  # fmt: skip
   for p in points:
     path = os.path.join(out, f"{p.name}.sbatch")
     args = p.args()[:-1]  # the script derives --workdir from the job
@@ -121,9 +115,9 @@ def write_sweep(points: list[sweep.Point], out: str, **job) -> list[str]:
   for i, p in enumerate(points):
     dep = "$collect"
     if p.entry == "adapt":
-      pre = sweep.Point("pretrain", p.preset, p.seed, p.setting, p.pretrain_method, p.root)
-      if pre.name in ids:
-        dep += f":${ids[pre.name]}"
+      pre = p.pretrain_point.name
+      if pre in ids:
+        dep += f":${ids[pre]}"
     ids[p.name] = f"job{i}"
     lines.append(f"job{i}=$(sbatch --parsable --dependency=afterok:{dep} {p.name}.sbatch)")
   lines.append('echo "submitted the collect job $collect and ' + str(len(points)) + ' points"')
@@ -153,12 +147,10 @@ def main(argv=None) -> None:
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="config override for every point")  # fmt: skip
   a = parser.parse_args(argv)
-  extra = {}
-  for item in a.set:
-    key, sep, value = item.partition("=")
-    if not sep:
-      parser.error(f"--set {item!r}: expected KEY=VALUE")
-    extra[key] = _parse_value(value)
+  try:
+    extra = sweep.parse_overrides(a.set)
+  except ValueError as e:
+    parser.error(str(e))
   points = sweep.points(
     a.entry, [int(s) for s in a.seeds.split(",")], a.settings.split(","), a.methods.split(","),
     a.root, a.preset, extra,

@@ -121,3 +121,21 @@ def test_a_stopped_job_resumes_when_run_again(pipeline, tmp_path):
   assert f"resuming from the checkpoint at update {stopped}" in second.stdout + second.stderr
   steps = [json.loads(line)["step"] for line in open(os.path.join(point.workdir, "metrics.jsonl"))]
   assert steps == list(range(50, 401, 50))
+
+
+def test_set_overrides_reach_every_script_as_text(tmp_path, capsys):
+  assert sweep.parse_overrides(["train.num_updates=2000", "adapt.prompt=False", "a.b=x=y"]) == {
+    "train.num_updates": "2000", "adapt.prompt": "False", "a.b": "x=y"
+  }  # fmt: skip
+  for bad in ("train.num_updates", "=3"):
+    with pytest.raises(ValueError, match="expected KEY=VALUE"):
+      sweep.parse_overrides([bad])
+  out = tmp_path / "gen"
+  generate.main(["--entry=pretrain", "--seeds=0", "--settings=a", "--root=/r", f"--out={out}",
+                 "--set", "train.num_updates=2000"])  # fmt: skip
+  script = open(out / "pretrain-narrow-mrcom-s0.sbatch").read()
+  assert "--config.train.num_updates=2000 \\" in script and '--workdir="$WORKDIR" &' in script
+  assert "--workdir" not in open(out / "collect.sbatch").read()
+  with pytest.raises(SystemExit):
+    generate.main(["--entry=pretrain", "--root=/r", f"--out={out}", "--set", "oops"])
+  assert "expected KEY=VALUE" in capsys.readouterr().err
