@@ -81,13 +81,13 @@ def build(size: str, domains, scenarios_per_domain: int, seeds: int, rollouts: b
 def measure(program, params, chunks: int) -> dict:
   state = program.init(params)
   t0 = time.perf_counter()
-  state, out = program.run(state, params, program_lib.TRAIN)  # compiles; steps 1..250
+  state, out = program.run(state, params, program_lib.AdaptMode.TRAIN)  # compiles; steps 1..250
   jax.block_until_ready(out)
   compile_s = time.perf_counter() - t0
   times = []
   for _ in range(chunks):
     t0 = time.perf_counter()
-    state, out = program.run(state, params, program_lib.TRAIN)
+    state, out = program.run(state, params, program_lib.AdaptMode.TRAIN)
     jax.block_until_ready(out)
     times.append(time.perf_counter() - t0)
   spec = program.spec

@@ -394,7 +394,7 @@ def adapt(c, workdir: str, *, stop_after: int | None = None, verbose: bool = Tru
     with logs.StopFlag() as stop:
       while step < total:
         t0 = time.perf_counter()
-        state, out = program.run(state, params, program_lib.TRAIN)
+        state, out = program.run(state, params, program_lib.AdaptMode.TRAIN)
         out = jax.device_get(out)
         elapsed = time.perf_counter() - t0
         step += chunk

@@ -2,7 +2,8 @@
 
 `program = make_program(spec, world_model)`; `params = program.make_params(...)`;
 `state = program.init(params)`; `state = program.prompt(state, params)`; then repeatedly
-`state, out = program.run(state, params, TRAIN)`; `program.evaluate(state, params, episodes)`.
+`state, out = program.run(state, params, AdaptMode.TRAIN)`;
+`program.evaluate(state, params, episodes)`.
 
 A *pair* is one (target scenario, seed): one real environment, one SAC, one real stream and one
 model buffer. The P pairs are ordered domain-major (`spec.domains`); each domain's pairs form one
@@ -33,10 +34,11 @@ One TRAIN iteration (one real step of every pair), with `s_{t-1}` and its action
 4. The action at s_t: uniform in [−1, 1] for the first `random_steps` real steps, then a sample
    of the policy; zero where s_t is `last`. It is written next to s_t's record.
 
-Other modes: PROMPT (the behaviour expert of each domain, conditioned on the target's ξ, acts on
-clean observations; records `prompt_start .. prompt_start + k − 1` of its episode are written to
-stream slots 0..k−1; nothing learns), EVAL (tanh of the policy mean) and EVAL_RANDOM (uniform):
-they step the env and report returns but write nothing and update nothing. `evaluate` runs them
+Other modes (`AdaptMode`): PROMPT (the behaviour expert of each domain, conditioned on the
+target's ξ, acts on clean observations; records `prompt_start .. prompt_start + k − 1` of its
+episode are written to stream slots 0..k−1; nothing learns), EVAL (tanh of the policy mean) and
+EVAL_RANDOM (uniform): they step the env and report returns but write nothing and update
+nothing. `evaluate` runs them
 on fresh episodes and restores the training episode afterwards, so evaluating never changes the
 training run.
 
@@ -48,6 +50,7 @@ pair's run does not depend on which other pairs share the call (tested against o
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 from typing import Any
 
@@ -63,8 +66,17 @@ from mrcom_jax.world_model import batch as batch_lib
 from mrcom_jax.world_model import model as model_lib
 from mrcom_jax.world_model import train as train_lib
 
-PROMPT, TRAIN, EVAL, EVAL_RANDOM = 0, 1, 2, 3
-MODES = {"prompt": PROMPT, "train": TRAIN, "eval": EVAL, "eval_random": EVAL_RANDOM}
+
+class AdaptMode(enum.IntEnum):
+  """What one iteration of `run` does (data: switching it never recompiles; see the module
+  docstring). Named apart from the collection runner's `RunnerMode`, whose values differ."""
+
+  PROMPT = 0
+  TRAIN = 1
+  EVAL = 2
+  EVAL_RANDOM = 3
+
+
 SAC_METRICS = ("critic_loss", "actor_loss", "alpha_loss", "alpha", "entropy", "q")
 
 
@@ -380,9 +392,10 @@ class Program:
     """Fresh SACs, empty stream and model buffer, every env before its first episode."""
     return self._init(jax.device_put(params, self.device))
 
-  def run(self, state: AdaptState, params: AdaptParams, mode: int | str):
-    """`spec.chunk` iterations in `mode`; donates `state` (do not reuse the argument)."""
-    mode = MODES[mode] if isinstance(mode, str) else int(mode)
+  def run(self, state: AdaptState, params: AdaptParams, mode: AdaptMode | str):
+    """`spec.chunk` iterations in `mode` (or its name, e.g. 'train'); donates `state` (do not
+    reuse the argument)."""
+    mode = AdaptMode[mode.upper()] if isinstance(mode, str) else AdaptMode(mode)
     state, params = jax.device_put((state, params), self.device)
     return self._run(state, params, jnp.asarray(mode, jnp.int32))
 
@@ -404,7 +417,7 @@ class Program:
       return state
     need = int(params.prompt_start) + self.spec.context_len
     for _ in range(math.ceil(need / self.spec.chunk)):
-      state, _ = self.run(state, params, PROMPT)
+      state, _ = self.run(state, params, AdaptMode.PROMPT)
     return self._restart(state, params, tag=1)
 
   def _restart(self, state: AdaptState, params: AdaptParams, tag: int) -> AdaptState:
@@ -429,7 +442,7 @@ class Program:
     """
     keep = jax.tree.map(jnp.copy, (state.envs, state.action, state.episode_return, state.key))
     state = self._restart(state, params, tag=2**20 + int(tag))
-    mode = EVAL_RANDOM if random else EVAL
+    mode = AdaptMode.EVAL_RANDOM if random else AdaptMode.EVAL
     returns = [[] for _ in range(self.spec.num_pairs)]
     while min(len(r) for r in returns) < episodes:
       state, out = self.run(state, params, mode)
@@ -651,7 +664,7 @@ def make_program(
 
   # ---- one iteration --------------------------------------------------------------------------
   def iteration(state: AdaptState, params: AdaptParams, mode):
-    train, prompt = mode == TRAIN, mode == PROMPT
+    train, prompt = mode == AdaptMode.TRAIN, mode == AdaptMode.PROMPT
     keys = jax.vmap(lambda kk: jax.random.split(kk, 4))(state.key)
     key_next, key_act, key_upd, key_roll = (keys[:, i] for i in range(4))
 
@@ -721,8 +734,8 @@ def make_program(
     stochastic, deterministic, uniform = jax.vmap(pair_act)(
       sac_state.actor, obs, key_act, params.obs_mask, params.act_mask
     )
-    use_uniform = (mode == EVAL_RANDOM) | (train & (real_steps - 1 < params.random_steps))
-    action = jnp.where(mode == EVAL, deterministic, stochastic)
+    use_uniform = (mode == AdaptMode.EVAL_RANDOM) | (train & (real_steps - 1 < params.random_steps))
+    action = jnp.where(mode == AdaptMode.EVAL, deterministic, stochastic)
     action = jnp.where(use_uniform, uniform, action)
     if spec.prompt:
       expert = []

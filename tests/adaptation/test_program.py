@@ -35,7 +35,7 @@ def _copy(tree):
 
 def _train(program, state, params, chunks):
   for _ in range(chunks):
-    state, out = program.run(state, params, program_lib.TRAIN)
+    state, out = program.run(state, params, program_lib.AdaptMode.TRAIN)
   return state, out
 
 
@@ -48,7 +48,7 @@ def test_plain_sac_learns_and_follows_the_schedule(plain2):
   steps, chunk = plain2.spec.real_steps, plain2.spec.chunk
   curve = []
   for i in range(steps // chunk):
-    state, out = plain2.run(state, params, program_lib.TRAIN)
+    state, out = plain2.run(state, params, program_lib.AdaptMode.TRAIN)
     if (i + 1) % 2 == 0:
       state, returns = plain2.evaluate(state, params, 2, tag=i)
       curve.append(returns.mean())
@@ -66,8 +66,8 @@ def test_the_stream_is_the_real_buffer(plain2):
   """Stream slots k.. hold every real record in order; the slots before stay empty."""
   params = params_for(plain2, (0, 1))
   state = plain2.init(params)
-  state, out_a = plain2.run(state, params, program_lib.TRAIN)
-  state, out_b = plain2.run(state, params, program_lib.TRAIN)
+  state, out_a = plain2.run(state, params, program_lib.AdaptMode.TRAIN)
+  state, out_b = plain2.run(state, params, program_lib.AdaptMode.TRAIN)
   s = jax.device_get(state.stream)
   k, n = 8, 2 * plain2.spec.chunk  # 500 records: one whole 251-record episode and the next
   cat = lambda name: np.concatenate([getattr(out_a, name), getattr(out_b, name)]).T

@@ -64,7 +64,8 @@ def test_rollouts_prompt_and_schedule(adapt_run):
   assert s.obs[:, :k, :17].any(axis=-1).all() and not s.first[:, :k].any()
   assert np.abs(s.action[:, :k]).max() > 0 and int(state.records) == k
   assert int(params.prompt_start) == 200 and program.real_steps(state) == 0
-  state, out = program.run(state, params, program_lib.TRAIN)  # real steps 1..250: one round
+  # real steps 1..250: one round
+  state, out = program.run(state, params, program_lib.AdaptMode.TRAIN)
   assert int(state.rounds) == 1 and int(state.model_size) == 256 * 5
   assert np.asarray(out.model["rounds"]).sum() == 1 and np.asarray(out.model["rounds"])[-1] == 1
   m = jax.device_get(state.model)
