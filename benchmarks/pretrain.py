@@ -64,7 +64,8 @@ def bench_collection(domain: str, num_envs: int, chunks: int, updates_per_iter: 
   writer = dataset_lib.DatasetWriter(
     os.path.join(data_dir, domain), domain, "mix", episode_length=EPISODE
   )
-  for name, mode in (("random", runner_lib.RANDOM), ("train", runner_lib.TRAIN)):
+  for name in ("random", "train"):
+    mode = runner_lib.MODES[name]
     state = runner.init(params, jax.random.PRNGKey(0))
     controls = runner_lib.make_controls(mode, random_steps=0)
     t0 = time.perf_counter()
@@ -75,7 +76,7 @@ def bench_collection(domain: str, num_envs: int, chunks: int, updates_per_iter: 
     for i in range(chunks):
       state, rec = runner.run(state, params, controls)
       rec = jax.device_get(rec)
-      if mode == runner_lib.RANDOM:
+      if mode == runner_lib.RunnerMode.RANDOM:
         sw = lambda x: np.swapaxes(np.asarray(x), 0, 1)
         writer.append(
           sw(rec.obs), sw(rec.action), sw(rec.reward), sw(rec.first), sw(rec.last),
@@ -87,7 +88,7 @@ def bench_collection(domain: str, num_envs: int, chunks: int, updates_per_iter: 
     out[name] = {
       "env_steps_per_s": steps / elapsed,
       "first_call_s (compile + 1 chunk)": compile_s,
-      "updates_per_iteration": updates_per_iter if mode == runner_lib.TRAIN else 0,
+      "updates_per_iteration": updates_per_iter if mode == runner_lib.RunnerMode.TRAIN else 0,
     }
     print(f"{domain:8s} {name:6s} {num_envs:4d} envs: {steps / elapsed:9.0f} env steps/s "
           f"(first call {compile_s:.1f} s)")  # fmt: skip

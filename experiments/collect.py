@@ -256,7 +256,7 @@ class Job:
   period_episodes: int
   scenarios: callable  # period -> list of A·N scenarios
   reward_mode: str = "target_speed"
-  mode: int = runner_lib.TRAIN
+  mode: runner_lib.RunnerMode = runner_lib.RunnerMode.TRAIN
   random_steps: int = 0
   xi_gate: float = 0.0
   actor: object = None  # actor params every agent acts with (explore jobs from a snapshot)
@@ -341,7 +341,7 @@ def run_job(cc, job: Job, v_max: float, workdir: str, stop=None, seed: int = 0) 
       window = (t >= min(cc.v_max.from_step, cc.episode_length // 5)) & (t < cc.episode_length)
       speed = cat["speed"].reshape(per_period, n_agents, n_envs)[window].mean(axis=(0, 2))
       result["speed"].append(speed.tolist())
-      if job.mode == runner_lib.TRAIN:
+      if job.mode == runner_lib.RunnerMode.TRAIN:
         # An actor snapshot at every episode boundary of the period, with its mean return.
         snap_dir = os.path.join(workdir, "snapshots")
         os.makedirs(snap_dir, exist_ok=True)
@@ -434,7 +434,7 @@ def _evaluate(
   episodes: int,
   workdir: str,
   stop,
-  mode: int = runner_lib.DETERMINISTIC,
+  mode: runner_lib.RunnerMode = runner_lib.RunnerMode.DETERMINISTIC,
 ) -> dict:
   """Runs a trained job's agents deterministically (or randomly) for ≥ `episodes` episodes."""
   n_ep = math.ceil(episodes / job.rc.num_envs)
@@ -564,7 +564,7 @@ def _generate(cc, root, dist_name, domain, kind, snapshots, v_max, gate, stop) -
   episodes = math.ceil(cc.datasets.records / (n * per_episode))
   p_eps = min(cc.scenario_episodes, episodes)
   info = {"distribution": dist.to_dict(), "v_max": v_max[domain], "seed": cc.seed}
-  actor, mode = None, runner_lib.RANDOM
+  actor, mode = None, runner_lib.RunnerMode.RANDOM
   if kind in ("medium", "expert"):
     final = snapshots[-1]["mean_return"] or 0.0
     pick = snapshots[-1]
@@ -572,7 +572,7 @@ def _generate(cc, root, dist_name, domain, kind, snapshots, v_max, gate, stop) -
       pick = next(s for s in snapshots if (s["mean_return"] or -np.inf) >= 0.5 * final)
     info["snapshot"] = pick
     like = jax.tree.map(lambda x: np.zeros(x.shape[1:], x.dtype), _actor_shapes(cc, domain, n))
-    actor, mode = load_actor(pick["path"], like), runner_lib.EXPLORE
+    actor, mode = load_actor(pick["path"], like), runner_lib.RunnerMode.EXPLORE
   path = dataset_path(root, dist_name, domain, kind)
   writer = open_writer(path, domain, kind, cc.episode_length, info)
   dom_id = specs.get_domain(domain).id
@@ -653,7 +653,7 @@ def stage_random(cc, root: str, domains, lists: dict, v_max: dict, stop) -> dict
       periods=1,
       period_episodes=math.ceil(cc.evaluation.episodes / n),
       scenarios=lambda p, s=per_member: s,
-      mode=runner_lib.RANDOM,
+      mode=runner_lib.RunnerMode.RANDOM,
     )
     workdir = _stage_dir(root, "random", domain)
     out = run_job(cc, job, v_max[domain]["value"], workdir, stop, seed=cc.seed + 6)

@@ -47,6 +47,7 @@ The pending action of a state was chosen under the previous mode and actor: star
 from __future__ import annotations
 
 import dataclasses
+import enum
 from typing import Any
 
 import jax
@@ -57,12 +58,17 @@ from mrcom_jax.agents import sac as sac_lib
 from mrcom_jax.envs import env as env_lib
 from mrcom_jax.envs import specs
 
-# Modes (Controls.mode).
-TRAIN = 0  # stochastic (uniform while env_steps < random_steps), replay writes, updates
-EXPLORE = 1  # stochastic policy, no replay writes, no updates
-DETERMINISTIC = 2  # tanh of the mean, no replay writes, no updates
-RANDOM = 3  # uniform actions in [-1, 1], no replay writes, no updates
-MODES = {"train": TRAIN, "explore": EXPLORE, "deterministic": DETERMINISTIC, "random": RANDOM}
+
+class RunnerMode(enum.IntEnum):
+  """What the collection program does (`Controls.mode`; the adaptation program has `AdaptMode`)."""
+
+  TRAIN = 0  # stochastic (uniform while env_steps < random_steps), replay writes, updates
+  EXPLORE = 1  # stochastic policy, no replay writes, no updates
+  DETERMINISTIC = 2  # tanh of the mean, no replay writes, no updates
+  RANDOM = 3  # uniform actions in [-1, 1], no replay writes, no updates
+
+
+MODES = {m.name.lower(): m for m in RunnerMode}  # the modes by name ('train', ...)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +89,7 @@ class Controls:
   """Data that steers `run` (changing it never recompiles). Build with `make_controls`.
 
   Attributes:
-    mode: [] int32, TRAIN, EXPLORE, DETERMINISTIC or RANDOM.
+    mode: [] int32, a RunnerMode.
     random_steps: [] int32, TRAIN acts uniformly while the agent's env_steps is below it.
     xi_gate: [] float32, 1 feeds ξ to actor and critics, 0 hides it.
   """
@@ -93,11 +99,12 @@ class Controls:
   xi_gate: jax.Array
 
 
-def make_controls(mode: int | str, random_steps: int = 0, xi_gate: float = 0.0) -> Controls:
+def make_controls(mode: RunnerMode | str, random_steps: int = 0, xi_gate: float = 0.0) -> Controls:
   """Controls with fixed dtypes (int32, int32, float32), so every call hits the same program."""
-  mode = MODES[mode] if isinstance(mode, str) else int(mode)
-  if mode not in MODES.values():
-    raise ValueError(f"unknown mode {mode}: choose one of {MODES}")
+  try:
+    mode = MODES[mode] if isinstance(mode, str) else RunnerMode(mode)
+  except (KeyError, ValueError):
+    raise ValueError(f"unknown runner mode {mode!r}: choose one of {list(MODES)}") from None
   return Controls(
     mode=jnp.asarray(mode, jnp.int32),
     random_steps=jnp.asarray(random_steps, jnp.int32),
@@ -358,7 +365,7 @@ def make_runner(env: env_lib.Env, config: RunnerConfig) -> Runner:
     key, key_act, key_upd = jax.random.split(state.key, 3)
     prev = state.env
     cur = env.step(env_params, prev, state.action)
-    train = controls.mode == TRAIN
+    train = controls.mode == int(RunnerMode.TRAIN)
 
     # Replay: (o_{t-1}, ξ, a_{t-1}, r_t, o_t) unless s_{t-1} ended its episode or s_t diverged.
     valid = ~prev.last & ~cur.diverged & train
@@ -393,8 +400,9 @@ def make_runner(env: env_lib.Env, config: RunnerConfig) -> Runner:
     stochastic, deterministic, uniform = jax.vmap(agent_act)(
       sac_state.actor, per_agent(cur.obs_clean), per_agent(cur.xi), keys
     )
-    use_uniform = (controls.mode == RANDOM) | (train & (env_steps < controls.random_steps))
-    action = jnp.where(controls.mode == DETERMINISTIC, deterministic, stochastic)
+    mode = lambda m: controls.mode == int(m)
+    use_uniform = mode(RunnerMode.RANDOM) | (train & (env_steps < controls.random_steps))
+    action = jnp.where(mode(RunnerMode.DETERMINISTIC), deterministic, stochastic)
     action = jnp.where(use_uniform[:, None, None], uniform, action)
     action = jnp.where(cur.last[:, None], 0.0, flat(action))
 

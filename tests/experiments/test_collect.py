@@ -147,7 +147,40 @@ def test_iterations_round_up_to_whole_periods():
   members = [scen.Scenario("cheetah", beta=0.5)] * 4
   params = collect.make_params(c, "cheetah", members, v_max=6.0, reward_mode="target_speed")
   np.testing.assert_allclose(np.asarray(params.v_target), 3.0)
-  assert runner_lib.TRAIN == 0
+
+
+def test_job_modes_train_only_in_train(pipeline, tmp_path):
+  """A Job trains by default (a snapshot per period, the actor moves); other modes only act."""
+  cc = pipeline.config.collect
+  job = dataclasses.replace(_job(cc, None), periods=1)
+  assert job.mode is runner_lib.RunnerMode.TRAIN
+  trained = collect.run_job(cc, job, 8.0, str(tmp_path / "train"), seed=3)
+  state = jax.device_get(trained.pop("final_state"))
+  (snap,) = trained["snapshots"]
+  init = collect.get_runner("cheetah", job.rc).init(
+    collect.make_params(cc, "cheetah", job.scenarios(0), 8.0, "target_speed"),
+    jax.random.PRNGKey(3),
+  )
+  before = jax.tree.leaves(runner_lib.Runner.actor_params(init))
+  after = jax.tree.leaves(runner_lib.Runner.actor_params(state))
+  assert any(not np.allclose(a, b) for a, b in zip(before, after))  # updates happened
+  saved = collect.load_actor(os.path.join(tmp_path, "train", snap["path"]), after)
+  jax.tree.map(np.testing.assert_array_equal, saved, after)
+  runs = {}
+  for mode in runner_lib.RunnerMode:
+    if mode is runner_lib.RunnerMode.TRAIN:
+      continue
+    for again in (0, 1):
+      ev = dataclasses.replace(job, mode=mode, init_state=state, name=f"{mode.name} {again}")
+      out = collect.run_job(cc, ev, 8.0, str(tmp_path / f"{mode.name}{again}"), seed=5)
+      kept = runner_lib.Runner.actor_params(out.pop("final_state"))
+      jax.tree.map(np.testing.assert_array_equal, kept, runner_lib.Runner.actor_params(state))
+      assert out["snapshots"] == []
+      runs[mode, again] = out["returns"]
+  # Deterministic acting is a function of the state: the same returns from the same state.
+  det = runner_lib.RunnerMode.DETERMINISTIC
+  assert runs[det, 0] == runs[det, 1]
+  assert runs[runner_lib.RunnerMode.RANDOM, 0] != runs[det, 0]
 
 
 @pytest.mark.slow  # compiles a 5-agent specialist program (about a minute on 2 cores)
