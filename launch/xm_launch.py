@@ -32,6 +32,12 @@ _PRESET = flags.DEFINE_string("preset", "default", "Config preset (default, smok
 _SEEDS = flags.DEFINE_list("seeds", ["0"], "Experiment seeds.")
 _SETTINGS = flags.DEFINE_list("settings", ["a"], "Settings (a-d); pretraining maps them to data.")
 _METHODS = flags.DEFINE_list("methods", ["mrcom"], f"Methods: {', '.join(sweep.METHODS)}.")
+_OBS_FNS = flags.DEFINE_list("obs_fns", ["none"], "Observation functions (Table 3).")
+_KINDS = flags.DEFINE_list("kinds", ["mix"], "Dataset kinds (Table 5).")
+_DOMAINS = flags.DEFINE_list(
+  "domains", [sweep.ALL_DOMAINS], "'' one model on every domain; or one per domain (Table 4)."
+)
+_TABLE = flags.DEFINE_enum("table", "", ("", *sweep.TABLES), "A table's dimensions instead.")
 _ROOT = flags.DEFINE_string("root", None, "Runs root: workdirs and the shared data directory.")
 _EXECUTOR = flags.DEFINE_enum("executor", "local", EXECUTORS, "Where the work units run.")
 _ACCELERATOR = flags.DEFINE_string("accelerator", "", "e.g. A100, V100, TPU_V4 ('' = none).")
@@ -107,10 +113,19 @@ def main(argv) -> None:
   if entry == "collect":
     jobs = [("collect", sweep.collect_args(_ROOT.value, _PRESET.value))]
   else:
-    points = sweep.points(
-      entry, [int(s) for s in _SEEDS.value], _SETTINGS.value, _METHODS.value, _ROOT.value,
-      _PRESET.value, _overrides(_SET.value),
-    )  # fmt: skip
+    seeds, extra = [int(s) for s in _SEEDS.value], _overrides(_SET.value)
+    try:
+      if _TABLE.value:
+        points = sweep.table_points(
+          _TABLE.value, entry, seeds, _ROOT.value, _PRESET.value, extra, _METHODS.value
+        )
+      else:
+        points = sweep.points(
+          entry, seeds, _SETTINGS.value, _METHODS.value, _ROOT.value, _PRESET.value, extra,
+          _OBS_FNS.value, _KINDS.value, _DOMAINS.value or [sweep.ALL_DOMAINS],
+        )  # fmt: skip
+    except ValueError as e:
+      raise app.UsageError(str(e)) from None
     jobs = sweep_jobs(entry, points)
   title = _TITLE.value or f"mrcom {entry} {_PRESET.value} ({len(jobs)} work units)"
   job_executor = executor(_EXECUTOR.value, _ACCELERATOR.value, _COUNT.value)

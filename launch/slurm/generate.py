@@ -135,6 +135,12 @@ def main(argv=None) -> None:
   parser.add_argument("--seeds", default="0,1,2,3,4")
   parser.add_argument("--settings", default="a")
   parser.add_argument("--methods", default="mrcom")
+  parser.add_argument("--obs_fns", default="none", help="observation functions (Table 3)")
+  parser.add_argument("--kinds", default="mix", help="dataset kinds (Table 5)")
+  parser.add_argument("--domains", default=sweep.ALL_DOMAINS,
+                      help="a model per listed domain (Table 4; '': one for all)")  # fmt: skip
+  parser.add_argument("--table", default="", choices=("", *sweep.TABLES),
+                      help="a table's settings, obs functions, kinds and domains")  # fmt: skip
   parser.add_argument("--root", required=True, help="runs root (workdirs, data, logs, cache)")
   parser.add_argument("--out", default="launch/slurm/generated")
   parser.add_argument("--nodes", type=int, default=1)
@@ -151,10 +157,17 @@ def main(argv=None) -> None:
     extra = sweep.parse_overrides(a.set)
   except ValueError as e:
     parser.error(str(e))
-  points = sweep.points(
-    a.entry, [int(s) for s in a.seeds.split(",")], a.settings.split(","), a.methods.split(","),
-    a.root, a.preset, extra,
-  )  # fmt: skip
+  seeds, methods = [int(s) for s in a.seeds.split(",")], a.methods.split(",")
+  try:
+    if a.table:
+      points = sweep.table_points(a.table, a.entry, seeds, a.root, a.preset, extra, methods)
+    else:
+      points = sweep.points(
+        a.entry, seeds, a.settings.split(","), methods, a.root, a.preset, extra,
+        a.obs_fns.split(","), a.kinds.split(","), a.domains.split(","),
+      )  # fmt: skip
+  except ValueError as e:
+    parser.error(str(e))
   paths = write_sweep(
     points, a.out, nodes=a.nodes, gpus=a.gpus, cpus=a.cpus, time=a.time, grace=a.grace,
     partition=a.partition, python=a.python,

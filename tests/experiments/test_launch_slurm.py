@@ -56,8 +56,8 @@ def test_scripts_are_valid_bash_with_the_points_commands(generated):
   submit = open(single[-1]).read()
   # each adaptation waits for its own pretraining run (no_rollouts reuses mrcom's)
   ids = {os.path.basename(p)[:-7]: i for i, p in enumerate(single[1:-1])}
-  line = next(x for x in submit.splitlines() if "adapt-d-no_rollouts-s0.sbatch" in x)
-  assert f"afterok:$collect:$job{ids['pretrain-wide-mrcom-s0']} " in line
+  line = next(x for x in submit.splitlines() if "adapt-d-mix-none-all-no_rollouts-s0.sbatch" in x)
+  assert f"afterok:$collect:$job{ids['pretrain-wide-mix-none-all-mrcom-s0']} " in line
   assert "#SBATCH --gpus-per-node=1" in open(single[1]).read()  # one task, all the node's GPUs
   cpu_only = generate.write_sweep(pre[:1], os.path.dirname(single[0]) + "_cpu", gpus=0)
   assert "--gpus" not in open(cpu_only[1]).read()
@@ -133,7 +133,7 @@ def test_set_overrides_reach_every_script_as_text(tmp_path, capsys):
   out = tmp_path / "gen"
   generate.main(["--entry=pretrain", "--seeds=0", "--settings=a", "--root=/r", f"--out={out}",
                  "--set", "train.num_updates=2000"])  # fmt: skip
-  script = open(out / "pretrain-narrow-mrcom-s0.sbatch").read()
+  script = open(out / "pretrain-narrow-mix-none-all-mrcom-s0.sbatch").read()
   assert "--config.train.num_updates=2000 \\" in script and '--workdir="$WORKDIR" &' in script
   assert "--workdir" not in open(out / "collect.sbatch").read()
   with pytest.raises(SystemExit):
