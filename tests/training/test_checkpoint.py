@@ -1,8 +1,10 @@
-"""Checkpointer: round trip, fallback past a corrupted step, and a mismatch that names the field."""
+"""Checkpointer: round trip, fallback past a corrupted step (unreadable, silently flipped bytes,
+non-finite), and a mismatch that names the field."""
 
 from __future__ import annotations
 
 import glob
+import logging
 import os
 
 import jax
@@ -20,6 +22,81 @@ def _state(width: int = 4, offset: float = 0.0):
     "key": jax.random.PRNGKey(7),
     "bias": jnp.full((2,), offset, jnp.float32),
   }
+
+
+def _random_state(seed: int):
+  """A state whose largest leaf is random floats (incompressible: its bytes are stored as is)."""
+  return {"w": jax.random.normal(jax.random.PRNGKey(seed), (64, 16)), "b": jnp.full((3,), 1.0)}
+
+
+def largest_array_file(step_dir: str) -> str:
+  """The largest file under a checkpoint step's `state` item (the array data)."""
+  paths = glob.glob(os.path.join(step_dir, "state", "**", "*"), recursive=True)
+  return max((p for p in paths if os.path.isfile(p)), key=os.path.getsize)
+
+
+def flip_bytes(path: str, n: int = 64) -> None:
+  """Inverts `n` bytes in the middle of `path`: the file stays readable, its values change."""
+  with open(path, "r+b") as f:
+    data = bytearray(f.read())
+    mid = len(data) // 2
+    data[mid : mid + n] = bytes(b ^ 0xFF for b in data[mid : mid + n])
+    f.seek(0)
+    f.write(data)
+
+
+def _restore_two(tmp_path, second_state, caplog, corrupt=None):
+  """Saves steps 1 (finite) and 2 (`second_state`), corrupts step 2, restores: (step, state,
+  the WARNING+ log lines of the restore)."""
+  with checkpoint.Checkpointer(str(tmp_path), max_to_keep=3) as ck:
+    ck.save(1, _random_state(1), {"data_position": 1})
+    ck.save(2, second_state, {"data_position": 2})
+    ck.wait()
+    if corrupt is not None:
+      corrupt(largest_array_file(os.path.join(tmp_path, "2")))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+      step, state, meta = ck.restore_latest(_random_state(0))
+    lines = [
+      ln
+      for r in caplog.records
+      if r.levelno >= logging.WARNING
+      for ln in r.getMessage().splitlines()
+    ]
+    assert ck.steps() == [1] and os.path.isdir(os.path.join(tmp_path, "corrupted_2"))
+  assert meta["data_position"] == step
+  return step, state, lines
+
+
+def test_flipped_bytes_fail_the_digest_and_fall_back(tmp_path, caplog, capfd):
+  step, state, lines = _restore_two(tmp_path, _random_state(2), caplog, corrupt=flip_bytes)
+  assert step == 1
+  np.testing.assert_array_equal(state["w"], _random_state(1)["w"])
+  assert len(lines) == 1, lines
+  assert "checkpoint step 2 is corrupted" in lines[0] and "digest" in lines[0], lines[0]
+  assert "corrupted_2" in lines[0]
+  assert len(capfd.readouterr().err.splitlines()) <= 1
+
+
+def test_non_finite_restored_state_falls_back(tmp_path, caplog):
+  bad = _random_state(2)
+  bad["b"] = bad["b"].at[1].set(jnp.nan)  # saved as is: its digest matches
+  step, state, lines = _restore_two(tmp_path, bad, caplog)
+  assert step == 1 and np.isfinite(np.asarray(state["b"])).all()
+  assert len(lines) == 1 and "not finite" in lines[0] and "['b']" in lines[0], lines
+
+
+def test_truncated_file_warns_in_one_line_without_tracebacks(tmp_path, caplog, capfd):
+  def truncate(path):
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) // 2)
+
+  step, _, lines = _restore_two(tmp_path, _random_state(2), caplog, corrupt=truncate)
+  assert step == 1
+  assert len(lines) == 1 and "checkpoint step 2 is corrupted" in lines[0], lines
+  assert len(lines[0]) < 400, lines[0]
+  err = capfd.readouterr().err
+  assert len(err.splitlines()) <= 1 and "Traceback" not in err, err
 
 
 def test_round_trip_is_exact_and_keeps_meta(tmp_path):
