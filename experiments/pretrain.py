@@ -194,7 +194,11 @@ def pretrain(c, workdir: str, *, stop_after: int | None = None, verbose: bool = 
     logs.write_run_info(workdir, c, {"mesh": dict(mesh.shape)})
   normalizer = sharding.from_primary(
     sampler_lib.fit_normalizer(
-      datasets, c.data.obs_fn, c.seed, num_records=c.data.normalizer_records
+      datasets,
+      c.data.obs_fn,
+      c.seed,
+      num_records=c.data.normalizer_records,
+      holdout_streams=c.data.holdout_streams,
     )
     if primary
     else normalizer_lib.Normalizer.identity()

@@ -33,7 +33,7 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
   c.data.kind = "mix"  # behaviour dataset (Table 5 varies it: mix/medium/expert/random)
   c.data.obs_fn = "none"  # observation function (PROTOCOL.md, Table 3)
   c.data.holdout_streams = 1  # streams per dataset kept out of training for the final summary
-  c.data.normalizer_records = 50_000  # the normaliser's fit: first records per domain, frozen
+  c.data.normalizer_records = 50_000  # the normaliser's fit: records per domain, drawn uniformly
   c.data.prefetch = 4  # batches prepared ahead by the sampler's thread
   c.data.online = False  # PROTOCOL.md's online mode (not implemented: offline datasets only)
 

@@ -23,8 +23,13 @@ resumes exactly from a checkpoint's data position i. A background thread gathers
 batches from the memory maps, transfers and finalises them into a bounded queue; the time the
 consumer spends waiting on it accumulates in `wait_seconds`.
 
-Held out: the last `holdout_streams` streams of every dataset never appear in training batches;
-`holdout_batch` draws evaluation windows from them, each starting at an episode's first record.
+Held out: the last `holdout_streams` streams of every dataset never appear in training batches
+nor in the normaliser's fit; `holdout_batch` draws evaluation windows from them, each starting
+at an episode's first record (all slots valid).
+
+Normaliser (METHOD.md Eq. 5): `fit_normalizer` fits on records drawn uniformly, with a fixed
+seed, over every training stream of each domain (not the first records, which come from the
+earliest behaviour policy); it reads only the drawn records, chunk by chunk, in file order.
 
 The online mode of PROTOCOL.md (regenerating `mix` in MJX during pretraining) would sit behind
 this same interface; it is not implemented.
@@ -52,6 +57,7 @@ from mrcom_jax.world_model.batch import Batch
 
 _TRAIN_TAG = 0x7A1  # separates the training draws' RNG stream from the held-out draws'
 _HOLDOUT_TAG = 0x40D
+_NORMALIZER_TAG = 0x2F5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -343,20 +349,16 @@ class WindowSampler:
     self._train = {}
     self._holdout = {}
     for d in self.domain_ids:
-      k_list, s_list, h_list = [], [], []
-      for k, ds in enumerate(self.datasets):
-        if ds.spec.id != d:
-          continue
-        n_train = ds.num_streams - holdout_streams
-        k_list.append(np.full(n_train, k))
-        s_list.append(np.arange(n_train))
-        h_list += [(k, s) for s in range(n_train, ds.num_streams)]
-      k_arr, s_arr = np.concatenate(k_list), np.concatenate(s_list)
+      k_arr, s_arr, lengths = _training_streams(self.datasets, d, holdout_streams)
       if not len(k_arr):
         raise ValueError(f"no {specs.DOMAINS[d].name} stream is left for training windows")
-      lengths = np.array([self.datasets[k].stream_lengths[s] for k, s in zip(k_arr, s_arr)])
       self._train[d] = (k_arr, s_arr, np.cumsum(lengths - window + 1))
-      self._holdout[d] = h_list
+      self._holdout[d] = [
+        (k, s)
+        for k, ds in enumerate(self.datasets)
+        if ds.spec.id == d
+        for s in range(ds.num_streams - holdout_streams, ds.num_streams)
+      ]
     self._rows = {
       d: np.arange(j, batch_size, len(self.domain_ids)) for j, d in enumerate(self.domain_ids)
     }
@@ -503,45 +505,103 @@ class WindowSampler:
     self.close()
 
 
-def _streams_in_order(datasets: Sequence[Dataset]):
-  """Yields (chunk, row) of every stream of `datasets`, in order."""
-  for ds in datasets:
-    for chunk in ds:
-      for row in range(chunk.num_streams):
-        yield chunk, row
+def _training_streams(datasets: Sequence[Dataset], domain_id: int, holdout_streams: int):
+  """The training streams of one domain: every stream of its datasets but each one's last
+  `holdout_streams`, in order (datasets as given, then stream order).
+
+  Returns:
+    (dataset index, stream index, records) of each stream: three [n] int64 arrays.
+  """
+  k_list, s_list = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+  for k, ds in enumerate(datasets):
+    if ds.spec.id == domain_id:
+      n_train = max(ds.num_streams - holdout_streams, 0)
+      k_list.append(np.full(n_train, k, np.int64))
+      s_list.append(np.arange(n_train, dtype=np.int64))
+  k_arr, s_arr = np.concatenate(k_list), np.concatenate(s_list)
+  lengths = np.array([datasets[k].stream_lengths[s] for k, s in zip(k_arr, s_arr)], np.int64)
+  return k_arr, s_arr, lengths
+
+
+def _read_records(datasets: Sequence[Dataset], k_arr, s_arr, lengths, picks):
+  """Clean observations, global stream ids and stream steps of the given records.
+
+  Args:
+    datasets, k_arr, s_arr, lengths: as `_training_streams` returns them.
+    picks: [n] sorted int64 indices into the concatenation of those streams' records.
+
+  Returns:
+    obs [n, d_o] float32, stream [n] int32, step [n] int32, in the order of `picks`. Each chunk
+    is read once, with one fancy index over its picked (row, record) pairs, in file order.
+  """
+  ends = np.cumsum(lengths)
+  j = np.searchsorted(ends, picks, side="right")  # the stream of each pick
+  offset = picks - (ends - lengths)[j]
+  chunk_of = np.array([datasets[k].stream_chunk[s] for k, s in zip(k_arr, s_arr)], np.int64)
+  key = np.stack([k_arr[j], chunk_of[j]], 1)  # sorted, since streams are in file order
+  cut = np.flatnonzero(np.any(key[1:] != key[:-1], axis=1)) + 1
+  obs, stream, step = [], [], []
+  for lo, hi in zip(np.r_[0, cut], np.r_[cut, len(picks)]):
+    if lo == hi:
+      continue
+    ds = datasets[k_arr[j[lo]]]
+    chunk = ds.chunk(int(chunk_of[j[lo]]))
+    rows = ds.stream_row[s_arr[j[lo:hi]]]
+    obs.append(np.asarray(chunk.obs[rows, offset[lo:hi]], np.float32))
+    stream.append(np.asarray(chunk.stream[rows], np.int32))
+    step.append((chunk.step0[rows] + offset[lo:hi]).astype(np.int32))
+  return np.concatenate(obs), np.concatenate(stream), np.concatenate(step)
 
 
 def fit_normalizer(
-  datasets: Sequence[Dataset], obs_fn: int | str, seed: int, num_records: int = 50_000
+  datasets: Sequence[Dataset],
+  obs_fn: int | str,
+  seed: int,
+  num_records: int = 50_000,
+  *,
+  holdout_streams: int = 1,
 ) -> normalizer_lib.Normalizer:
-  """The per-domain normaliser, fitted on the first `num_records` records of each domain.
+  """The per-domain normaliser (METHOD.md Eq. 5), fitted on records drawn uniformly over the
+  training data of each domain.
 
-  Records are taken in stream order (datasets in the order given, then chunks, streams, records)
-  after the observation function (the model sees perturbed observations), then passed to
-  `world_model.normalizer.fit`. Reads only those records.
+  For each domain, `num_records` records (all of them if there are fewer) are drawn without
+  replacement, uniformly over the records of its training streams (each dataset's last
+  `holdout_streams` streams are held out, as in `WindowSampler`), from an RNG fixed by (seed,
+  domain). Only the drawn records are read (sorted, chunk by chunk). The observation function
+  is applied to them (the model sees perturbed observations, keyed as in the sampler) before
+  `world_model.normalizer.fit`.
+
+  Args:
+    datasets: datasets of one or more domains.
+    obs_fn: observation function name or id.
+    seed: experiment seed (observation-function key and the draw).
+    num_records: records per domain, > 0.
+    holdout_streams: the streams each dataset holds out (the sampler's `holdout_streams`).
 
   Returns:
     A Normalizer (frozen: nothing updates it afterwards).
   """
+  if num_records < 1:
+    raise ValueError(f"num_records (data.normalizer_records) must be > 0, got {num_records}")
+  if holdout_streams < 0:
+    raise ValueError(f"holdout_streams must be ≥ 0, got {holdout_streams}")
   fn_id = np.int32(_fn_id(obs_fn))
   seed_key = np.asarray(jax.random.PRNGKey(seed))
   per_domain = {}
   for d in sorted({ds.spec.id for ds in datasets}):
-    obs, stream, step, need = [], [], [], num_records
-    for chunk, row in _streams_in_order([ds for ds in datasets if ds.spec.id == d]):
-      if need <= 0:
-        break
-      take = min(need, chunk.length)
-      obs.append(np.asarray(chunk.obs[row, :take]))
-      stream.append(np.full(take, chunk.stream[row], np.int32))
-      step.append(chunk.step0[row] + np.arange(take, dtype=np.int32))
-      need -= take
-    if obs:
-      per_domain[d] = np.asarray(
-        _perturber(d)(
-          fn_id, seed_key, np.concatenate(obs), np.concatenate(stream), np.concatenate(step)
-        )
-      )
+    k_arr, s_arr, lengths = _training_streams(datasets, d, holdout_streams)
+    total = int(lengths.sum())
+    if not total:
+      continue
+    rng = np.random.default_rng([_NORMALIZER_TAG, seed, d])
+    picks = np.sort(rng.choice(total, size=min(num_records, total), replace=False))
+    obs, stream, step = _read_records(datasets, k_arr, s_arr, lengths, picks)
+    # Padded to a power of two (≥ 4096) so that few record counts compile the perturber.
+    n, size = len(picks), max(4096, 1 << (len(picks) - 1).bit_length())
+    obs, stream, step = (
+      np.pad(x, [(0, size - n)] + [(0, 0)] * (x.ndim - 1)) for x in (obs, stream, step)
+    )
+    per_domain[d] = np.asarray(_perturber(d)(fn_id, seed_key, obs, stream, step))[:n]
   if not per_domain:
     return normalizer_lib.Normalizer.identity()
   ids = list(per_domain)

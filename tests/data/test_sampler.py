@@ -14,11 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mrcom_jax.data import dataset as dataset_lib
 from mrcom_jax.data import sampler as sampler_lib
 from mrcom_jax.data.sampler import WindowIndex, WindowSampler, fit_normalizer
 from mrcom_jax.envs import obs_functions, specs
 from mrcom_jax.training import sharding
-from tests.data.conftest import write_dataset
+from tests.data.conftest import EPISODE_LENGTH, make_chunk, write_dataset
 
 WINDOW, B = 10, 6
 HELD_OUT = {4, 7, 13, 22}  # the last stream of each dataset
@@ -246,14 +247,72 @@ def test_one_device_mesh_shards_the_batch(datasets):
 
 
 def test_fit_normalizer_by_hand(datasets):
-  norm = fit_normalizer(datasets, "none", seed=0, num_records=25)
+  # More records than the training streams hold: every training record, none held out.
+  norm = fit_normalizer(datasets, "none", seed=0, num_records=10**6)
   by_id = records(datasets)
-  # First 25 records per domain in stream order: hopper 20 of stream 0 + 5 of stream 1 (dataset
-  # h1 comes first); walker 20 of 10 + 5 of 11; cheetah 25 of 20.
-  for d, parts in ((0, [(0, 20), (1, 5)]), (1, [(10, 20), (11, 5)]), (2, [(20, 25)])):
-    x = np.concatenate([by_id[s][1].obs[by_id[s][2], :n] for s, n in parts]).astype(np.float64)
+  train = {0: [0, 1, 2, 3, 5, 6], 1: [10, 11, 12], 2: [20, 21]}  # HELD_OUT excluded
+  for d, streams in train.items():
+    x = np.concatenate([by_id[s][1].obs[by_id[s][2]] for s in streams]).astype(np.float64)
     width = specs.DOMAINS[d].obs_dim
     np.testing.assert_allclose(norm.mean[d, :width], x.mean(0), rtol=1e-6)
     np.testing.assert_allclose(norm.std[d, :width], x.std(0), rtol=1e-5)
     np.testing.assert_array_equal(norm.mean[d, width:], 0)
     np.testing.assert_array_equal(norm.std[d, width:], 1)
+  # A draw is a pure function of the seed.
+  a, b = (fit_normalizer(datasets, "none", seed=s, num_records=25) for s in (0, 0))
+  c = fit_normalizer(datasets, "none", seed=1, num_records=25)
+  np.testing.assert_array_equal(a.mean, b.mean)
+  assert not np.array_equal(a.mean, c.mean)
+  with pytest.raises(ValueError, match=r"num_records \(data.normalizer_records\) must be > 0"):
+    fit_normalizer(datasets, "none", seed=0, num_records=0)
+
+
+def _drifting(path, chunks, start, total, rng):
+  """A hopper dataset of `chunks` chunks of 5 streams × 400 records whose statistics drift along
+  the data: record r of `total` (file order, from `start`) holds 5 + 4p + (0.5 + 2p)·N(0, 1) in
+  every entry, p = r / total. Its last stream (held out) holds 1000."""
+  writer = dataset_lib.DatasetWriter(path, "hopper", "mix", EPISODE_LENGTH)
+  for c in range(chunks):
+    ids = start // 400 + np.arange(5)
+    arrays = make_chunk("hopper", ids, n_episodes=40)
+    p = (start + np.arange(5 * 400).reshape(5, 400, 1)) / total
+    arrays["obs"] = (5 + 4 * p + (0.5 + 2 * p) * rng.normal(size=(5, 400, 15))).astype(np.float32)
+    if c == chunks - 1:
+      arrays["obs"][-1] = 1000.0
+    writer.append(**arrays)
+    start += 5 * 400
+  return writer.close()
+
+
+def test_fit_normalizer_draws_uniformly_over_drifting_data(tmp_path):
+  # METHOD.md Eq. 5: 12k records in 6 chunks of two datasets, 10.4k of them for training; the
+  # fit sees 3k. A fit on the first records would see the early, narrow part only.
+  rng = np.random.default_rng(0)
+  datasets = [
+    _drifting(tmp_path / "a", 4, 0, 12_000, rng),
+    _drifting(tmp_path / "b", 2, 8_000, 12_000, rng),
+  ]
+  held_out = {(0, 19), (1, 9)}  # (dataset, stream): the last of each
+  train = [
+    np.asarray(ds.locate(s)[0].obs[ds.locate(s)[1]], np.float64)
+    for k, ds in enumerate(datasets)
+    for s in range(ds.num_streams)
+    if (k, s) not in held_out
+  ]
+  x = np.concatenate(train)
+  mean, std = x.mean(0), x.std(0)
+  first = x[:3000]  # the first 3k training records, in stream order
+
+  def close(m, sd):  # within 5% of the whole data's mean and std, and the mean within 5% of std
+    return (
+      np.all(np.abs(m - mean) <= 0.05 * np.abs(mean))
+      and np.all(np.abs(m - mean) <= 0.05 * std)
+      and np.all(np.abs(sd - std) <= 0.05 * std)
+    )
+
+  assert not close(first.mean(0), first.std(0))  # the check does tell the two fits apart
+  norm = fit_normalizer(datasets, "none", seed=0, num_records=3000, holdout_streams=1)
+  assert close(np.asarray(norm.mean[0, :15]), np.asarray(norm.std[0, :15])), (
+    np.abs(norm.mean[0, :15] - mean).max(),
+    np.abs(norm.std[0, :15] - std).max(),
+  )
