@@ -22,12 +22,14 @@ One TRAIN iteration (one real step of every pair), with `s_{t-1}` and its action
    start records t are drawn from the real part of the stream; each start latent is rebuilt by
    filtering records t−k+1..t through the posterior, each with its own context window (records
    t−2k+1..t are gathered; slots before the stream are the `empty` token). Then `horizon` prior
-   steps under the current policy, which acts on the decoded observation means after the
-   observation function's stochastic part is re-applied; the reward of (ô_t, a_t, ô_{t+1}) is
-   the reward head at ŝ_{t+1}. The round's `starts · horizon` transitions overwrite the oldest
-   of `keep_rounds` rounds in the model buffer. With `finetune_updates` (a switch, off in the
-   paper's protocol), every pair first takes that many updates (Eq. 16) of its own copy of the
-   world model on windows of its own stream, and imagines with that copy.
+   steps under the current policy (`imagine`), which acts on the decoded observation means after
+   the observation function's stochastic part is re-applied; the context window slides with
+   that same observation, so imagined windows look like real ones (METHOD.md Eq. 4); the reward
+   of (ô_t, a_t, ô_{t+1}) is the reward head at ŝ_{t+1}. The round's `starts · horizon`
+   transitions overwrite the oldest of `keep_rounds` rounds in the model buffer. With
+   `finetune_updates` (a switch, off in the paper's protocol), every pair first takes that many
+   updates (Eq. 16) of its own copy of the world model on windows of its own stream, and
+   imagines with that copy.
 3. Once `update_after` real transitions exist: `updates_per_step` SAC updates, each on a batch of
    `round(real_ratio · B)` real and `B − that` model transitions (all real while the model
    buffer is empty), no terminal states.
@@ -306,6 +308,49 @@ def _tree_where(pred, a, b):
 
 def _pair_key(pair_key, tag: int):
   return jax.vmap(lambda k: jax.random.fold_in(k, tag))(pair_key)
+
+
+def imagine(world_model, variables, ws, obs, policy, obs_fn, seed_key, horizon: int, key):
+  """`horizon` prior steps under `policy` with every decoded observation perturbed again
+  (METHOD.md Eq. 4, last bullets; Algorithm 2, step 3).
+
+  At each step the policy acts on ô_t (the real o_t first), the prior steps to ŝ_{t+1} with
+  r̂_{t+1} from the reward head, and ô_{t+1} is the decoded mean with the observation function's
+  stochastic part applied again. That ô_{t+1} is both what the policy is given next and what
+  its token in the sliding context window holds (normalised, as real tokens are), so imagined
+  windows look like real ones.
+
+  Args:
+    world_model: the `WorldModel`.
+    variables: its variables.
+    ws: the `WorldState` of S rows at the start steps (after filtering); its pending token is
+      `obs`, normalised.
+    obs: [S, 27] the start observations in raw units (0 on padded entries).
+    policy: `(obs [S, 27], key) -> actions [S, 6]`.
+    obs_fn: int32 scalar, the observation-function id.
+    seed_key: the observation functions' seed key (the world model's, PROTOCOL.md).
+    horizon: H.
+    key: PRNG key.
+
+  Returns:
+    (the final WorldState, (ô_t, a_t, r̂_{t+1}, ô_{t+1}) each [H, S, ...]).
+  """
+  perturb = jax.vmap(obs_functions.reapply_stochastic, in_axes=(None, 0, 0, 0, None))
+  norm = variables["normalizer"]
+
+  def body(carry, key_h):
+    ws, o = carry
+    key_pi, key_m, key_o = jax.random.split(key_h, 3)
+    a = policy(o, key_pi)
+    ws, im = world_model.step(variables, ws, a, key_m)
+    keys = jax.random.split(key_o, o.shape[0])
+    o_next = perturb(obs_fn, im.obs, ws.domain, keys, seed_key) * ws.obs_mask
+    # The pending token (pushed into the window by the next step) holds the perturbed ô_{t+1}.
+    ws = ws.replace(obs=jnp.where(ws.obs_mask > 0, norm.normalize(o_next, ws.domain), 0.0))
+    return (ws, o_next), (o, a, im.reward, o_next)
+
+  (ws, _), out = jax.lax.scan(body, (ws, obs), jax.random.split(key, horizon))
+  return ws, out
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -590,20 +635,11 @@ def make_program(
       variables, ws, obs[:, k:], action[:, k - 1 : 2 * k - 1], batch.reward[:, k:],
       batch.first[:, k:], batch.valid[:, k:], key_f,
     )  # fmt: skip
-    perturb = jax.vmap(obs_functions.reapply_stochastic, in_axes=(None, 0, None, 0, None))
-
-    def body(carry, key_h):
-      ws, o = carry
-      key_pi, key_m, key_o = jax.random.split(key_h, 3)
-      a = sac_lib.act(sac_cfg, actor, o, jnp.zeros((starts, specs.XI_DIM)), 0.0, key_pi,
-                      obs_mask, act_mask)  # fmt: skip
-      ws, im = wm.step(variables, ws, a, key_m)
-      o_next = perturb(obs_fn, im.obs, domain, jax.random.split(key_o, starts), seed_key)
-      o_next = o_next * obs_mask
-      return (ws, o_next), (o, a, im.reward, o_next)
-
-    o0 = obs[:, -1]
-    _, (o, a, r, o_next) = jax.lax.scan(body, (ws, o0), jax.random.split(key_i, horizon))
+    policy = lambda o, key_pi: sac_lib.act(
+      sac_cfg, actor, o, jnp.zeros((starts, specs.XI_DIM)), 0.0, key_pi, obs_mask, act_mask
+    )
+    _, (o, a, r, o_next) = imagine(wm, variables, ws, obs[:, -1], policy, obs_fn, seed_key,
+                                   horizon, key_i)  # fmt: skip
     flat = lambda x: jnp.swapaxes(x, 0, 1).reshape((per_round, *x.shape[2:]))
     return ModelBuffer(obs=flat(o), action=flat(a), reward=flat(r), next_obs=flat(o_next))
 
