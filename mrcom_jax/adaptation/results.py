@@ -1,10 +1,13 @@
 """Adaptation results: PROTOCOL.md's normalised score, the per-seed table and learning curves.
 
 `normalised = 100 · (R − R_rand) / (R_ref − R_rand)` with R the adapted policy's mean return,
-R_rand the uniform-random policy's and R_ref the scenario's specialist's. Per (domain, setting,
-seed) the score is the ratio of means over the scenarios; tables report mean ± std over seeds
-with the raw returns beside them. A score is `None` (NaN in a table) where the reference is
-missing (an explicit target has no specialist) or fails the guard `R_ref − R_rand ≥ 0.05·|R_ref|`.
+R_rand the uniform-random policy's and R_ref the scenario's specialist's. A scenario's score is
+`None` (NaN in a table) where the reference is missing (an explicit target has no specialist) or
+fails the guard `R_ref − R_rand > 0.05·|R_ref|` (the row is marked `guarded`). Per (domain,
+setting, seed) the score is the ratio of means over the scenarios, guarded ones left out and
+counted (`scenarios`, `scenarios_left_out`); a missing reference leaves the whole group `None`.
+Tables report mean ± std over seeds with the raw returns beside them and the number of scenarios
+behind each cell.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ def rows(pairs: list[dict], history: dict, metadata: dict) -> list[dict]:
     r_ref = None if ref is None else float(ref["return"])
     r_rand = float(history["random_returns"]["values"][i])
     r = float(returns[-1, i]) if len(returns) else float("nan")
+    score = normalised_score(r, r_rand, r_ref)
     out.append(
       dict(
         p,
@@ -68,7 +72,8 @@ def rows(pairs: list[dict], history: dict, metadata: dict) -> list[dict]:
         random_return=r_rand,
         random_source=history["random_returns"]["source"][i],
         reference_return=r_ref,
-        score=normalised_score(r, r_rand, r_ref),
+        score=score,
+        guarded=r_ref is not None and score is None,
         curve={"steps": list(history["steps"]), "returns": returns[:, i].tolist()},
       )
     )
@@ -83,23 +88,32 @@ def _mean_std(values: list[float | None]) -> dict:
 
 
 def scores(rows_: list[dict]) -> list[dict]:
-  """Per (domain, setting, seed): the ratio of means over its scenarios, and the raw returns."""
+  """Per (domain, setting, seed): the ratio of means over its scenarios, and the raw returns.
+
+  Scenarios whose own score fails the guard are left out of the ratio of means and counted
+  (PROTOCOL.md, Score): `scenarios` is how many it was computed from, `scenarios_left_out` how
+  many were guarded. The raw returns are means over the same scenarios (over all of them when
+  none is left). The ratio of the means of unguarded scenarios passes the guard itself
+  (Σ(R_ref − R_rand) > 0.05·Σ|R_ref|), so it warns only through its rows.
+  """
   groups: dict[tuple, list[dict]] = {}
   for r in rows_:
     groups.setdefault((r["domain"], r["setting"], r["seed"]), []).append(r)
   out = []
   for (domain, setting, seed), rs in groups.items():
-    mean = lambda key, rs=rs: float(np.mean([r[key] for r in rs]))
+    used = [r for r in rs if not r.get("guarded", False)]
     has_ref = all(r["reference_return"] is not None for r in rs)
+    mean = lambda key, rs=(used or rs): float(np.mean([r[key] for r in rs]))
     score = (
       normalised_score(mean("return"), mean("random_return"), mean("reference_return"))
-      if has_ref
+      if has_ref and used
       else None
     )
     out.append(
       {
-        "domain": domain, "setting": setting, "seed": seed, "scenarios": len(rs),
-        "score": score, "return": mean("return"), "random_return": mean("random_return"),
+        "domain": domain, "setting": setting, "seed": seed, "scenarios": len(used),
+        "scenarios_left_out": len(rs) - len(used), "score": score, "return": mean("return"),
+        "random_return": mean("random_return"),
         "reference_return": mean("reference_return") if has_ref else None,
       }
     )  # fmt: skip
@@ -107,7 +121,8 @@ def scores(rows_: list[dict]) -> list[dict]:
 
 
 def table(per_seed: list[dict]) -> list[dict]:
-  """Per (domain, setting): score and return as mean ± std over seeds."""
+  """Per (domain, setting): score and return as mean ± std over seeds, with the number of
+  scenarios each seed's score was computed from (and left out)."""
   groups: dict[tuple, list[dict]] = {}
   for s in per_seed:
     groups.setdefault((s["domain"], s["setting"]), []).append(s)
@@ -116,6 +131,8 @@ def table(per_seed: list[dict]) -> list[dict]:
       "domain": domain,
       "setting": setting,
       "seeds": len(ss),
+      "scenarios": [s["scenarios"] for s in ss],  # per seed, the scenarios behind its score
+      "scenarios_left_out": [s["scenarios_left_out"] for s in ss],
       "score": _mean_std([s["score"] for s in ss]),
       "return": _mean_std([s["return"] for s in ss]),
       "random_return": _mean_std([s["random_return"] for s in ss]),
@@ -144,15 +161,27 @@ def _fmt(ms: dict, digits: int = 1) -> str:
   return f"{ms['mean']:.{digits}f} ± {ms['std']:.{digits}f}"
 
 
+def _count(cell: dict) -> str:
+  """Scenarios behind a cell's seeds: '5', or '4 of 5' where guarded ones were left out."""
+  used, left = cell.get("scenarios", []), cell.get("scenarios_left_out", [])
+  if not used:
+    return "?"
+  span = lambda xs: str(min(xs)) if min(xs) == max(xs) else f"{min(xs)}-{max(xs)}"
+  total = [u + x for u, x in zip(used, left)]
+  return span(used) + (f" of {span(total)}" if any(left) else "")
+
+
 def print_table(results: dict) -> None:
   print(f"adaptation results ({results['variant']}): mean ± std over seeds")
   print(
-    f"  {'domain':8s} {'setting':8s} {'score':>16s} {'return':>16s} {'random':>10s} {'ref':>10s}"
+    f"  {'domain':8s} {'setting':8s} {'score':>16s} {'scenarios':>14s} {'return':>16s} "
+    f"{'random':>10s} {'ref':>10s}"
   )
   for t in results["table"]:
     print(
-      f"  {t['domain']:8s} {t['setting']:8s} {_fmt(t['score']):>16s} {_fmt(t['return']):>16s} "
-      f"{_fmt(t['random_return']):>10s} {_fmt(t['reference_return']):>10s}"
+      f"  {t['domain']:8s} {t['setting']:8s} {_fmt(t['score']):>16s} {_count(t):>14s} "
+      f"{_fmt(t['return']):>16s} {_fmt(t['random_return']):>10s} "
+      f"{_fmt(t['reference_return']):>10s}"
     )
 
 

@@ -81,3 +81,34 @@ def test_plot_and_table(tmp_path, capsys):
   assert path.stat().st_size > 10_000
   results.print_table(out)
   assert "42.9 ± 7.1" in capsys.readouterr().out
+
+
+def test_a_guarded_scenario_is_left_out_of_the_ratio_of_means_and_counted(capsys):
+  """PROTOCOL.md, Score: a scenario whose guard fails is NaN, left out of its seed's ratio of
+  means, and the cell says how many scenarios the score was computed from."""
+  pairs, history, metadata = _pairs_and_history()
+  # a third scenario a/2: R_ref − R_rand = 10 − 9.8 = 0.2 < 0.05 · 10 → guarded for both seeds
+  pairs += [{"domain": "hopper", "setting": "a", "label": "a/2", "scenario": {}, "seed": s}
+            for s in (0, 1)]  # fmt: skip
+  history["returns"] = [[*r, 0.0, 0.0] for r in history["returns"]]
+  history["returns"][-1][4:] = [1000.0, 2000.0]  # would dominate the means if it counted
+  history["random_returns"]["values"] += [9.8, 9.8]
+  history["random_returns"]["source"] += ["metadata"] * 2
+  metadata["specialists"]["hopper"]["a/2"] = {"return": 10.0}
+  with pytest.warns(UserWarning, match="score guard"):
+    out = results.summarise({"adapt": {"model_rollouts": True, "prompt": True}}, pairs,
+                            history, metadata)  # fmt: skip
+  assert [r["guarded"] for r in out["rows"]] == [False] * 4 + [True] * 2
+  assert [r["score"] for r in out["rows"][4:]] == [None, None]
+  # the scores of test_rows_scores_and_table_by_hand, over a/0 and a/1 only
+  per_seed = {s["seed"]: s for s in out["scores"]}
+  assert per_seed[0]["score"] == pytest.approx(100 * 25 / 70)
+  assert per_seed[1]["score"] == pytest.approx(50.0)
+  assert per_seed[0]["return"] == pytest.approx(30.0)  # raw returns over the same scenarios
+  assert [(s["scenarios"], s["scenarios_left_out"]) for s in out["scores"]] == [(2, 1), (2, 1)]
+  (cell,) = out["table"]
+  assert cell["scenarios"] == [2, 2] and cell["scenarios_left_out"] == [1, 1]
+  assert cell["score"]["mean"] == pytest.approx((100 * 25 / 70 + 50) / 2)
+  results.print_table(out)
+  assert "42.9 ± 7.1" in (printed := capsys.readouterr().out) and "2 of 3" in printed
+  json.dumps(out)
