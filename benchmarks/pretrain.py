@@ -103,8 +103,8 @@ def bench_pretrain(datasets, size: str, updates: int) -> dict:
   config.batch_size = -(-config.batch_size // n_dev) * n_dev
   window = config.context_len + config.seq_len
   sampler = sampler_lib.WindowSampler(
-    datasets, window=window, batch_size=config.batch_size, obs_fn="none", seed=0, mesh=mesh,
-    holdout_streams=1, prefetch=4,
+    datasets, window=window, context_len=config.context_len, batch_size=config.batch_size,
+    obs_fn="none", seed=0, mesh=mesh, holdout_streams=1, prefetch=4,
   )  # fmt: skip
   normalizer = sampler_lib.fit_normalizer(datasets, "none", 0)
   state = sharding.replicate(

@@ -186,8 +186,9 @@ def pretrain(c, workdir: str, *, stop_after: int | None = None, verbose: bool = 
     )
   window = wm.context_len + wm.seq_len
   sampler = sampler_lib.WindowSampler(
-    datasets, window=window, batch_size=wm.batch_size, obs_fn=c.data.obs_fn, seed=c.seed,
-    mesh=mesh, holdout_streams=c.data.holdout_streams, prefetch=c.data.prefetch,
+    datasets, window=window, context_len=wm.context_len, batch_size=wm.batch_size,
+    obs_fn=c.data.obs_fn, seed=c.seed, mesh=mesh, holdout_streams=c.data.holdout_streams,
+    prefetch=c.data.prefetch,
   )  # fmt: skip
   primary = sharding.is_primary()
   if primary:

@@ -1,10 +1,14 @@
 """Pretraining windows from on-disk datasets: `WindowSampler` and `fit_normalizer`.
 
-A batch has B rows of `window` = K + T (context_len + seq_len) consecutive records of one stream
-(`world_model.batch.Batch`). Row b belongs to the b-th domain present (cycling through the
-domains in id order), so every batch holds every domain. Its window is drawn uniformly among all
-windows of that many consecutive records inside one training stream of the domain; it may span
-episode boundaries inside the stream (its `first` flags mark them) and `valid` is all True.
+A batch has B rows of `window` = K + T (context_len + seq_len) consecutive slots of one stream
+(`world_model.batch.Batch`). Row b belongs to domain `domain_ids[b % len(domain_ids)]` (METHOD.md:
+the domains in equal shares), so every batch holds every domain. A window's first training step
+(slot K) is drawn uniformly among all records of the domain's training streams that leave room
+for the T training steps, so it may be any record of a stream, including its first K (METHOD.md
+Eq. 4). Slots before the stream's first record hold no transition: `valid` is False there and
+they hold zeros (the model reads them as the learned `empty` context token; they are only ever
+context slots, so they carry no loss). Every other slot is a record, `valid` True; a window may
+span episode boundaries inside the stream (its `first` flags mark them).
 
 The observation function (PROTOCOL.md) is applied here, keyed by (experiment seed, domain,
 stream id, step0 + record index) as in the env, so a record looks the same at every window
@@ -67,7 +71,8 @@ class WindowIndex:
   Attributes:
     dataset: index into the sampler's `datasets`.
     stream: stream index inside that dataset (stream order, not the global id).
-    start: index of the window's first record inside the stream.
+    start: index inside the stream of the record at the window's first slot; negative when
+      the window begins before the stream (its first −start slots are invalid).
   """
 
   dataset: np.ndarray
@@ -104,7 +109,8 @@ def _assemble(domain_ids: tuple[int, ...], offset: int, fn_id, seed_key, groups)
     fn_id: int32 scalar observation-function id.
     seed_key: [2] uint32.
     groups: one dict per domain, its rows in batch order: obs [n, W, d_o], action [n, W, d_a],
-      reward [n, W], first [n, W] bool, xi [n, 6], stream [n] int32, step0 [n] int32.
+      reward [n, W], first [n, W] bool, valid [n, W] bool, xi [n, 6], stream [n] int32,
+      step0 [n] int32 (the step of slot 0, which may lie before the stream).
 
   Returns:
     A Batch of m = Σ n rows; row r belongs to domain_ids[(offset + r) % len(domain_ids)] and is
@@ -126,11 +132,11 @@ def _assemble(domain_ids: tuple[int, ...], offset: int, fn_id, seed_key, groups)
     ).reshape(n, w, specs.OBS_PAD)
     parts.append(
       dict(
-        obs=obs,
+        obs=jnp.where(g["valid"][..., None], obs, 0.0),  # slots before the stream hold zeros
         action=specs.pad_action(g["action"]),
         reward=g["reward"],
         first=g["first"],
-        valid=jnp.ones((n, w), bool),
+        valid=g["valid"],
         domain=jnp.full((n,), d, jnp.int32),
         obs_mask=jnp.broadcast_to(jnp.asarray(specs.obs_mask(d, fn_id)), (n, specs.OBS_PAD)),
         act_mask=jnp.broadcast_to(jnp.asarray(specs.act_mask(d)), (n, specs.ACT_PAD)),
@@ -279,7 +285,8 @@ class WindowSampler:
   Attributes:
     datasets: the datasets, as given.
     domain_ids: the domains present, in id order; row b belongs to domain_ids[b % len].
-    window: records per row, K + T.
+    window: slots per row, K + T.
+    context_len: K, the slots before a window's first training step.
     batch_size: B.
     obs_fn: the observation-function id (may be changed between batches: it is data).
     seed: the experiment seed (observation-function key and window draws).
@@ -291,6 +298,7 @@ class WindowSampler:
     datasets: Sequence[Dataset],
     *,
     window: int,
+    context_len: int,
     batch_size: int,
     obs_fn: int | str,
     seed: int,
@@ -302,7 +310,10 @@ class WindowSampler:
 
     Args:
       datasets: Datasets of one or more domains (several per domain allowed).
-      window: K + T records per row.
+      window: K + T slots per row.
+      context_len: K (world_model.context_len): a window's first training step, slot K, is any
+        record of a stream that leaves room for the T training steps; the slots of its context
+        that lie before the stream's first record are invalid (the model's `empty` token).
       batch_size: B, at least the number of domains present (and divisible by the mesh size).
       obs_fn: observation function name or id.
       seed: experiment seed ≥ 0.
@@ -320,11 +331,16 @@ class WindowSampler:
       raise ValueError("WindowSampler needs at least one dataset")
     if window < 1:
       raise ValueError(f"window (= context_len + seq_len) must be ≥ 1, got {window}")
+    if not 0 <= context_len < window:
+      raise ValueError(
+        f"context_len must be in [0, window = {window}) (seq_len ≥ 1), got {context_len}"
+      )
     if seed < 0:
       raise ValueError(f"seed must be ≥ 0, got {seed}")
     if holdout_streams < 0 or prefetch < 0:
       raise ValueError("holdout_streams and prefetch must be ≥ 0")
     self.window, self.batch_size, self.seed = int(window), int(batch_size), int(seed)
+    self.context_len = int(context_len)
     self.obs_fn = _fn_id(obs_fn)
     self.mesh, self.prefetch, self.holdout_streams = mesh, prefetch, holdout_streams
     self.domain_ids = tuple(sorted({ds.spec.id for ds in self.datasets}))
@@ -345,14 +361,15 @@ class WindowSampler:
         raise ValueError(
           f"{ds.path} has {ds.num_streams} streams: too few to hold out {holdout_streams}"
         )
-    # Training windows per domain: (dataset, stream, count) with cumulative counts.
+    # Training windows per domain: (dataset, stream, count) with cumulative counts; a stream of
+    # L records has L − T + 1 first training steps.
     self._train = {}
     self._holdout = {}
     for d in self.domain_ids:
       k_arr, s_arr, lengths = _training_streams(self.datasets, d, holdout_streams)
       if not len(k_arr):
         raise ValueError(f"no {specs.DOMAINS[d].name} stream is left for training windows")
-      self._train[d] = (k_arr, s_arr, np.cumsum(lengths - window + 1))
+      self._train[d] = (k_arr, s_arr, np.cumsum(lengths - (window - context_len) + 1))
       self._holdout[d] = [
         (k, s)
         for k, ds in enumerate(self.datasets)
@@ -374,7 +391,7 @@ class WindowSampler:
 
   @property
   def num_train_windows(self) -> dict[str, int]:
-    """Training windows per domain name."""
+    """Training windows (first training steps) per domain name."""
     return {specs.DOMAINS[d].name: int(t[2][-1]) for d, t in self._train.items()}
 
   def indices(self, i: int) -> WindowIndex:
@@ -391,13 +408,14 @@ class WindowSampler:
       j = np.searchsorted(cum, u, side="right")
       index.dataset[rows] = k_arr[j]
       index.stream[rows] = s_arr[j]
-      index.start[rows] = u - np.concatenate([[0], cum])[j]
+      index.start[rows] = u - np.concatenate([[0], cum])[j] - self.context_len
     return index
 
   def gather(self, index: WindowIndex, window: int | None = None) -> Batch:
     """Reads the windows of `index` from the memory maps and finalises them into a Batch.
 
-    Row b must belong to domain `domain_ids[b % len(domain_ids)]`. With a mesh that spans several
+    Row b must belong to domain `domain_ids[b % len(domain_ids)]`; a window may begin up to
+    `context_len` slots before its stream (those slots are invalid). With a mesh that spans several
     processes, each process reads only the rows its devices hold (`sharding.process_rows`) and
     the result is one global array sharded along 'data'.
     """
@@ -427,6 +445,7 @@ class WindowSampler:
         action=np.empty((m, window, spec.act_dim), np.float32),
         reward=np.empty((m, window), np.float32),
         first=np.empty((m, window), bool),
+        valid=np.empty((m, window), bool),
         xi=np.empty((m, specs.XI_DIM), np.float32),
         stream=np.empty((m,), np.int32),
         step0=np.empty((m,), np.int32),
@@ -437,15 +456,16 @@ class WindowSampler:
           raise ValueError(f"row {b} should hold {spec.name}, its dataset holds {ds.domain}")
         chunk, row = ds.locate(int(index.stream[b]))
         t0 = int(index.start[b])
-        if not 0 <= t0 <= chunk.length - window:
+        if not -self.context_len <= t0 <= chunk.length - window:
           raise ValueError(
-            f"row {b}: window [{t0}, {t0 + window}) leaves its stream ({chunk.length})"
+            f"row {b}: window [{t0}, {t0 + window}) leaves its stream ({chunk.length}) "
+            f"by more than context_len = {self.context_len} slots before it, or past its end"
           )
-        sl = slice(t0, t0 + window)
-        g["obs"][r] = chunk.obs[row, sl]
-        g["action"][r] = chunk.action[row, sl]
-        g["reward"][r] = chunk.reward[row, sl]
-        g["first"][r] = chunk.first[row, sl]
+        pre, sl = max(-t0, 0), slice(max(t0, 0), t0 + window)  # pre: slots before the stream
+        for name in ("obs", "action", "reward", "first"):
+          g[name][r, :pre] = 0
+          g[name][r, pre:] = getattr(chunk, name)[row, sl]
+        g["valid"][r, :pre], g["valid"][r, pre:] = False, True
         g["xi"][r] = chunk.xi[row]
         g["stream"][r] = chunk.stream[row]
         g["step0"][r] = chunk.step0[row] + t0

@@ -1,7 +1,7 @@
 """WindowSampler and fit_normalizer on small synthetic datasets (no physics).
 
-Every sampler here shares one layout (hopper, walker, cheetah; B = 6; window 10), so the jitted
-finalisation compiles once for the module.
+Every sampler here shares one layout (hopper, walker, cheetah; B = 6; window K + T = 4 + 6), so
+the jitted finalisation compiles once for the module.
 """
 
 from __future__ import annotations
@@ -19,9 +19,13 @@ from mrcom_jax.data import sampler as sampler_lib
 from mrcom_jax.data.sampler import WindowIndex, WindowSampler, fit_normalizer
 from mrcom_jax.envs import obs_functions, specs
 from mrcom_jax.training import sharding
+from mrcom_jax.world_model import config as config_lib
+from mrcom_jax.world_model import losses
+from mrcom_jax.world_model import model as model_lib
+from mrcom_jax.world_model import normalizer as normalizer_lib
 from tests.data.conftest import EPISODE_LENGTH, make_chunk, write_dataset
 
-WINDOW, B = 10, 6
+WINDOW, K, B = 10, 4, 6  # window = K + T: K context slots, T = 6 training steps
 HELD_OUT = {4, 7, 13, 22}  # the last stream of each dataset
 
 
@@ -38,7 +42,7 @@ def datasets(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sampler(datasets):
-  s = WindowSampler(datasets, window=WINDOW, batch_size=B, obs_fn="none", seed=0)
+  s = WindowSampler(datasets, window=WINDOW, context_len=K, batch_size=B, obs_fn="none", seed=0)
   yield s
   s.close()
 
@@ -62,38 +66,46 @@ def decode(obs):
 def test_windows_are_consecutive_records_of_one_stream_of_the_row_domain(datasets, sampler):
   assert sampler.domain_ids == (0, 1, 2)
   by_id = records(datasets)
-  seen_first_inside = False
-  for i in range(6):
+  seen_first_inside = seen_pre_stream = False
+  for i in range(12):
     batch = jax.device_get(sampler.batch(i))
     assert batch.obs.shape == (B, WINDOW, 27) and batch.obs.dtype == np.float32
     assert batch.action.shape == (B, WINDOW, 6) and batch.reward.shape == (B, WINDOW)
-    assert batch.valid.all()
-    np.testing.assert_array_equal(batch.domain, [0, 1, 2, 0, 1, 2])
+    np.testing.assert_array_equal(batch.domain, [0, 1, 2, 0, 1, 2])  # equal shares: b mod 3
     sid, step = decode(batch.obs)
     for b in range(B):
-      s = sid[b, 0]
+      # Slots before the stream (only ever context slots) are invalid and hold zeros.
+      pre = int((~batch.valid[b]).sum())
+      assert pre <= K
+      np.testing.assert_array_equal(batch.valid[b], np.arange(WINDOW) >= pre)
+      for field in (batch.obs, batch.action, batch.reward, batch.first):
+        assert not field[b, :pre].any()
+      seen_pre_stream |= pre > 0
+      s = sid[b, pre]
       d, chunk, row = by_id[s]
       spec = specs.DOMAINS[d]
       assert d == batch.domain[b] and s not in HELD_OUT
-      assert (sid[b] == s).all()
-      np.testing.assert_array_equal(np.diff(step[b]), 1)
-      j = step[b] - chunk.step0[row]  # record indices inside the stream
-      np.testing.assert_array_equal(batch.obs[b, :, : spec.obs_dim], chunk.obs[row, j])
+      assert (sid[b, pre:] == s).all()
+      j = step[b, pre:] - chunk.step0[row]  # record indices inside the stream
+      np.testing.assert_array_equal(j, j[0] + np.arange(len(j)))
+      assert j[0] == 0 or not pre  # after pre-stream slots comes the stream's record 0
+      np.testing.assert_array_equal(batch.obs[b, pre:, : spec.obs_dim], chunk.obs[row, j])
       assert not batch.obs[b, :, spec.obs_dim :].any()
-      np.testing.assert_array_equal(batch.action[b, :, : spec.act_dim], chunk.action[row, j])
+      np.testing.assert_array_equal(batch.action[b, pre:, : spec.act_dim], chunk.action[row, j])
       assert not batch.action[b, :, spec.act_dim :].any()
-      np.testing.assert_array_equal(batch.reward[b], chunk.reward[row, j])
-      np.testing.assert_array_equal(batch.first[b], j % 10 == 0)
-      seen_first_inside |= bool(batch.first[b, 1:].any())
+      np.testing.assert_array_equal(batch.reward[b, pre:], chunk.reward[row, j])
+      np.testing.assert_array_equal(batch.first[b, pre:], j % 10 == 0)
+      seen_first_inside |= bool(batch.first[b, pre + 1 :].any())
       np.testing.assert_array_equal(batch.xi[b], chunk.xi[row])
       np.testing.assert_array_equal(batch.obs_mask[b], specs.obs_mask(d, 0))
       np.testing.assert_array_equal(batch.act_mask[b], specs.act_mask(d))
   assert seen_first_inside  # windows do span episode boundaries inside a stream
+  assert seen_pre_stream  # and some begin before their stream
 
 
 def test_window_draws_are_uniform_and_skip_held_out_streams(datasets, sampler):
-  # Training windows per stream: length − window + 1 (20 → 11, 30 → 21 records).
-  assert sampler.num_train_windows == {"hopper": 11 * 5 + 21, "walker": 33, "cheetah": 42}
+  # A stream of L records has L − T + 1 first training steps (20 → 15, 30 → 25 records).
+  assert sampler.num_train_windows == {"hopper": 15 * 5 + 25, "walker": 45, "cheetah": 50}
   counts = {}
   starts = set()
   n = 1500
@@ -104,17 +116,50 @@ def test_window_draws_are_uniform_and_skip_held_out_streams(datasets, sampler):
       counts[sid] = counts.get(sid, 0) + 1
       starts.add((sid, int(t)))
   assert not HELD_OUT & set(counts)
-  hopper = {0: 11, 1: 11, 2: 11, 3: 21, 5: 11, 6: 11}
+  hopper = {0: 15, 1: 15, 2: 15, 3: 25, 5: 15, 6: 15}
   total = sum(hopper.values())
   for sid, w in hopper.items():
     p = w / total
     sd = np.sqrt(2 * n * p * (1 - p))
     assert abs(counts[sid] - 2 * n * p) < 4 * sd, (sid, counts[sid], 2 * n * p)
-  assert {t for s, t in starts if s == 3} == set(range(21))
+  # The first training step (start + K) is any record 0 .. L − T of the stream.
+  assert {t for s, t in starts if s == 3} == set(range(-K, 30 - WINDOW + 1))
+
+
+def test_windows_begin_in_a_streams_first_k_records_at_the_expected_rate(datasets, sampler):
+  # METHOD.md Eq. 4: the first training step may be any of a stream's first K records; then the
+  # context slots before the stream are invalid (the `empty` token). Per domain, that happens
+  # with probability Σ K / Σ (L − T + 1) over its training streams.
+  expected = {0: 6 * K / 100, 1: 3 * K / 45, 2: 2 * K / 50}
+  n = 2000
+  early = {d: 0 for d in expected}
+  for i in range(n):
+    idx = sampler.indices(i)
+    for b, t in enumerate(idx.start):
+      early[b % 3] += bool(t < 0)
+  for d, p in expected.items():
+    m = 2 * n  # two rows of each domain per batch
+    assert abs(early[d] - m * p) < 4 * np.sqrt(m * p * (1 - p)), (d, early[d], m * p)
+  # Such a window's slots before the stream's record 0 are invalid, the others valid.
+  i = next(i for i in range(n) if (sampler.indices(i).start < 0).any())
+  idx, batch = sampler.indices(i), jax.device_get(sampler.batch(i))
+  pre = np.maximum(-idx.start, 0)
+  np.testing.assert_array_equal(batch.valid, np.arange(WINDOW)[None] >= pre[:, None])
+  sid, step = decode(batch.obs)
+  for b in np.flatnonzero(pre):
+    assert batch.first[b, pre[b]]  # the stream's record 0 starts an episode
+    assert step[b, pre[b]] == 100 * sid[b, pre[b]]  # it is record 0 (step0 = 100 · stream id)
+  # Equal domain shares for any B: row b reads a dataset of domain b mod 3.
+  eight = WindowSampler(datasets, window=WINDOW, context_len=K, batch_size=8, obs_fn=0, seed=0)
+  for i in range(20):
+    got = [datasets[k].spec.id for k in eight.indices(i).dataset]
+    assert got == [b % 3 for b in range(8)]
 
 
 def test_same_record_same_perturbation_at_any_position(datasets):
-  s = WindowSampler(datasets, window=WINDOW, batch_size=B, obs_fn="add_gaussian", seed=3)
+  s = WindowSampler(
+    datasets, window=WINDOW, context_len=K, batch_size=B, obs_fn="add_gaussian", seed=3
+  )
   # Rows 0 and 3 (hopper) see stream 3 from records 5 and 12: record 12 sits at positions 7 and 0;
   # rows 1 and 4 (walker) see stream 10 from 0 and 7: record 9 at positions 9 and 2.
   idx = WindowIndex(
@@ -142,7 +187,7 @@ def test_obs_fn_is_data_no_recompile(datasets, sampler):
   sampler.batch(0)
   before = jitted._cache_size()
   for name in ("mask_random", "add_distractor"):
-    s = WindowSampler(datasets, window=WINDOW, batch_size=B, obs_fn=name, seed=1)
+    s = WindowSampler(datasets, window=WINDOW, context_len=K, batch_size=B, obs_fn=name, seed=1)
     batch = jax.device_get(s.batch(0))
     np.testing.assert_array_equal(
       batch.obs_mask[1], specs.obs_mask(1, obs_functions.obs_fn_id(name))
@@ -154,7 +199,9 @@ def test_obs_fn_is_data_no_recompile(datasets, sampler):
 
 
 def test_determinism_and_exact_resume(datasets, sampler):
-  other = WindowSampler(datasets, window=WINDOW, batch_size=B, obs_fn="none", seed=0, prefetch=0)
+  other = WindowSampler(
+    datasets, window=WINDOW, context_len=K, batch_size=B, obs_fn="none", seed=0, prefetch=0
+  )
   for i in (0, 7):
     jax.tree.map(np.testing.assert_array_equal, sampler.batch(i), other.batch(i))
   with sampler.batches(start=7) as it:
@@ -163,13 +210,17 @@ def test_determinism_and_exact_resume(datasets, sampler):
     assert it.position == 10
   for k, batch in enumerate(got):
     jax.tree.map(np.testing.assert_array_equal, batch, other.batch(7 + k))
-  reseeded = WindowSampler(datasets, window=WINDOW, batch_size=B, obs_fn="none", seed=1)
+  reseeded = WindowSampler(
+    datasets, window=WINDOW, context_len=K, batch_size=B, obs_fn="none", seed=1
+  )
   assert not np.array_equal(reseeded.indices(7).start, sampler.indices(7).start)
   assert sampler.wait_seconds > 0
 
 
 def test_prefetch_thread_errors_reach_the_consumer_and_close_joins(datasets):
-  s = WindowSampler(datasets, window=WINDOW, batch_size=B, obs_fn=0, seed=0, prefetch=2)
+  s = WindowSampler(
+    datasets, window=WINDOW, context_len=K, batch_size=B, obs_fn=0, seed=0, prefetch=2
+  )
   real = s.batch
 
   def flaky(self, i):
@@ -211,16 +262,22 @@ def test_holdout_batch(datasets, sampler):
 def test_errors(datasets):
   kw = dict(batch_size=B, obs_fn="none", seed=0)
   with pytest.raises(ValueError, match=r"window = context_len \+ seq_len = 21 .*20 records"):
-    WindowSampler(datasets, window=21, **kw)
+    WindowSampler(datasets, window=21, context_len=K, **kw)
+  with pytest.raises(ValueError, match=r"context_len must be in \[0, window = 10\) .*got 10"):
+    WindowSampler(datasets, window=WINDOW, context_len=WINDOW, **kw)
+  sampler = WindowSampler(datasets, window=WINDOW, context_len=K, **kw)
+  bad = WindowIndex(np.array([0, 1, 3, 0, 1, 3]), np.zeros(6, np.int64), np.array([0] * 5 + [-5]))
+  with pytest.raises(ValueError, match=r"row 5: window \[-5, 5\) leaves its stream"):
+    sampler.gather(bad)
   with pytest.raises(ValueError, match="too few to hold out 3"):
-    WindowSampler(datasets, window=WINDOW, holdout_streams=3, **kw)
+    WindowSampler(datasets, window=WINDOW, context_len=K, holdout_streams=3, **kw)
   with pytest.raises(ValueError, match="smaller than the 3 domains"):
-    WindowSampler(datasets, window=WINDOW, batch_size=2, obs_fn=0, seed=0)
+    WindowSampler(datasets, window=WINDOW, context_len=K, batch_size=2, obs_fn=0, seed=0)
   with pytest.raises(ValueError, match="unknown observation function"):
-    WindowSampler(datasets, window=WINDOW, batch_size=B, obs_fn="blur", seed=0)
+    WindowSampler(datasets, window=WINDOW, context_len=K, batch_size=B, obs_fn="blur", seed=0)
   fake_mesh = types.SimpleNamespace(shape={sharding.DATA_AXIS: 4})
   with pytest.raises(ValueError, match="batch size 6 is not divisible by the mesh's 4 devices"):
-    WindowSampler(datasets, window=WINDOW, mesh=fake_mesh, **kw)
+    WindowSampler(datasets, window=WINDOW, context_len=K, mesh=fake_mesh, **kw)
 
 
 def test_a_block_of_rows_equals_those_rows_of_the_whole_batch(datasets, sampler):
@@ -239,7 +296,9 @@ def test_a_block_of_rows_equals_those_rows_of_the_whole_batch(datasets, sampler)
 def test_one_device_mesh_shards_the_batch(datasets):
   mesh = sharding.make_mesh(1)
   hopper = [datasets[0]]
-  s = WindowSampler(hopper, window=WINDOW, batch_size=2, obs_fn="none", seed=0, mesh=mesh)
+  s = WindowSampler(
+    hopper, window=WINDOW, context_len=K, batch_size=2, obs_fn="none", seed=0, mesh=mesh
+  )
   batch = s.batch(0)
   for leaf in jax.tree.leaves(batch):
     assert leaf.sharding.is_equivalent_to(sharding.data_sharding(mesh), leaf.ndim)
@@ -316,3 +375,36 @@ def test_fit_normalizer_draws_uniformly_over_drifting_data(tmp_path):
     np.abs(norm.mean[0, :15] - mean).max(),
     np.abs(norm.std[0, :15] - std).max(),
   )
+
+
+def test_empty_token_gets_a_gradient_from_sampler_batches(datasets, sampler):
+  # METHOD.md Eq. 4: `empty` must be trained. The tiny model with K = 4, T = 6 (this module's
+  # layout), on real sampler batches: one with windows that begin before their stream, and one
+  # whose windows are all full (the only kind the sampler drew before), where `empty` is unused.
+  config = config_lib.tiny()
+  config.context_len, config.seq_len = K, WINDOW - K
+  first = jax.device_get(sampler.batch(0))
+  norm = normalizer_lib.fit(first.obs, first.domain, first.valid, first.obs_mask)  # numpy
+  world_model = model_lib.make_world_model(config)
+  init = jax.jit(lambda key: (world_model.init(key), losses.init_values(world_model.spec, key)))
+  variables, values = init(jax.random.key(0))
+  variables = {**variables, "normalizer": norm}
+  loss = losses.make_loss(world_model)
+
+  @jax.jit
+  def grad_empty(variables, values, batch):  # d loss / d empty (METHOD.md Eq. 16's total)
+    def objective(empty):
+      params = variables["params"]
+      params = {**params, "context_encoder": {**params["context_encoder"], "empty": empty}}
+      target = {"v": values["v"]}
+      return loss({**variables, "params": params}, values, target, batch, jax.random.key(1))[0]
+
+    return jax.grad(objective)(variables["params"]["context_encoder"]["empty"])
+
+  plans = [sampler.indices(i).start for i in range(100)]
+  early = next(i for i, s in enumerate(plans) if (s < 0).any())
+  full = next(i for i, s in enumerate(plans) if (s >= 0).all())
+  g_early = np.asarray(grad_empty(variables, values, sampler.batch(early)))
+  g_full = np.asarray(grad_empty(variables, values, sampler.batch(full)))
+  assert np.isfinite(g_early).all() and np.abs(g_early).sum() > 1e-6, g_early
+  assert not g_full.any()  # full windows never read `empty`

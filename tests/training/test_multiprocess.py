@@ -47,7 +47,7 @@ SCRIPT = textwrap.dedent(
       os.kill(os.getpid(), signal.SIGUSR1)
     out["stop"] = stop.reason(0)
   datasets = [Dataset.open(p) for p in sorted(glob.glob(os.path.join(sys.argv[1], "*")))]
-  kw = dict(window=10, batch_size=8, obs_fn="add_gaussian", seed=0, prefetch=0)
+  kw = dict(window=10, context_len=4, batch_size=8, obs_fn="add_gaussian", seed=0, prefetch=0)
   sampler = WindowSampler(datasets, mesh=mesh, **kw)
   read, gather_rows = [], sampler.gather_rows
   def spy(index, rows, window=None):
