@@ -149,9 +149,9 @@ def test_iterations_round_up_to_whole_periods():
   np.testing.assert_allclose(np.asarray(params.v_target), 3.0)
 
 
-def test_job_modes_train_only_in_train(pipeline, tmp_path):
+def test_job_modes_train_only_in_train(tmp_path):
   """A Job trains by default (a snapshot per period, the actor moves); other modes only act."""
-  cc = pipeline.config.collect
+  cc = pipeline_config().collect
   job = dataclasses.replace(_job(cc, None), periods=1)
   assert job.mode is runner_lib.RunnerMode.TRAIN
   trained = collect.run_job(cc, job, 8.0, str(tmp_path / "train"), seed=3)
@@ -164,8 +164,9 @@ def test_job_modes_train_only_in_train(pipeline, tmp_path):
   before = jax.tree.leaves(runner_lib.Runner.actor_params(init))
   after = jax.tree.leaves(runner_lib.Runner.actor_params(state))
   assert any(not np.allclose(a, b) for a, b in zip(before, after))  # updates happened
-  saved = collect.load_actor(os.path.join(tmp_path, "train", snap["path"]), after)
-  jax.tree.map(np.testing.assert_array_equal, saved, after)
+  actor = runner_lib.Runner.actor_params(state)
+  saved = collect.load_actor(os.path.join(tmp_path, "train", snap["path"]), actor)
+  jax.tree.map(np.testing.assert_array_equal, saved, actor)
   runs = {}
   for mode in runner_lib.RunnerMode:
     if mode is runner_lib.RunnerMode.TRAIN:
