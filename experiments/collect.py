@@ -22,6 +22,7 @@ scenarios, the ξ input gate and the mode (train / explore / deterministic / ran
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import json
@@ -284,7 +285,12 @@ def run_job(cc, job: Job, v_max: float, workdir: str, stop=None, seed: int = 0) 
   """Runs (or resumes) a job; returns its result: returns per period and episode, snapshots.
 
   Checkpoints the runner state after every period in `workdir/checkpoints`; the writer (if any)
-  gets one chunk per period, so a resumed job first drops chunks written after its checkpoint.
+  gets the period's records as whole streams (`_write_period`), and the checkpoint stores how
+  many chunks it held, so a resumed job first drops chunks written after its checkpoint.
+
+  A diverged episode (the runner keeps it on the grid, marked `diverged`: `hold_diverged`) is
+  dropped: it enters neither the returns, the speeds nor the writer, and `dropped_episodes`
+  counts it (a divergence never stops a stage, and its resume drops it again).
   """
   runner = get_runner(job.domain, dataclasses.replace(job.rc, domain=""))
   per_period = job.period_episodes * (cc.episode_length + 1)
@@ -298,14 +304,14 @@ def run_job(cc, job: Job, v_max: float, workdir: str, stop=None, seed: int = 0) 
   if job.actor is not None:
     state = runner_lib.Runner.with_actor(state, job.actor)
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=2)
-  result = {"returns": [], "speed": [], "snapshots": []}
+  result = {"returns": [], "speed": [], "snapshots": [], "dropped_episodes": 0, "chunks": 0}
   start = 0
   restored = ckpt.restore_latest(state)
   if restored is not None:
     start, state, meta = restored
     result = meta["result"]
   if job.writer is not None:
-    job.writer.truncate_to(start)
+    job.writer.truncate_to(result["chunks"])
   n_agents, n_envs = job.rc.num_agents, job.rc.num_envs
   bar = tqdm(
     total=job.periods * per_period,
@@ -328,18 +334,26 @@ def run_job(cc, job: Job, v_max: float, workdir: str, stop=None, seed: int = 0) 
         bar.update(cc.chunk)
       cat = {
         k: np.concatenate([getattr(o, k) for o in outs])
-        for k in ("obs", "action", "reward", "first", "last", "episode_return", "speed")
-      }
-      last = cat["last"]  # [P, A·N]
+        for k in (
+          "obs", "action", "reward", "first", "last", "diverged", "episode_return", "speed"
+        )
+      }  # fmt: skip
+      kept = ~episodes_diverged(cat["diverged"], cc.episode_length)  # [episodes, A·N]
+      result["dropped_episodes"] += int((~kept).sum())
+      ok = np.repeat(kept, cc.episode_length + 1, axis=0)  # [P, A·N] records of kept episodes
+      last = cat["last"] & ok
       ep_ret = cat["episode_return"].reshape(per_period, n_agents, n_envs)
       done = last.reshape(per_period, n_agents, n_envs)
       per_agent = [(ep_ret[:, a][done[:, a]]).tolist() for a in range(n_agents)]
       result["returns"].append(per_agent)
       # Mean forward speed per agent over the states of control steps from_step .. L − 1 of
-      # each episode (from L // 5 in episodes shorter than from_step, as in tests).
+      # each kept episode (from L // 5 in episodes shorter than from_step, as in tests).
       t = np.arange(per_period) % (cc.episode_length + 1)
       window = (t >= min(cc.v_max.from_step, cc.episode_length // 5)) & (t < cc.episode_length)
-      speed = cat["speed"].reshape(per_period, n_agents, n_envs)[window].mean(axis=(0, 2))
+      w = (window[:, None] & ok).reshape(per_period, n_agents, n_envs)
+      v = cat["speed"].reshape(per_period, n_agents, n_envs)
+      count = w.sum(axis=(0, 2))
+      speed = np.where(count > 0, (v * w).sum(axis=(0, 2)) / np.maximum(count, 1), np.nan)
       result["speed"].append(speed.tolist())
       if job.mode == runner_lib.RunnerMode.TRAIN:
         # An actor snapshot at every episode boundary of the period, with its mean return.
@@ -352,7 +366,8 @@ def run_job(cc, job: Job, v_max: float, workdir: str, stop=None, seed: int = 0) 
         rel = os.path.relpath(path, workdir)  # relative: the data directory may move
         result["snapshots"].append({"period": period, "path": rel, "mean_return": mean_ret})
       if job.writer is not None:
-        _write_period(job.writer, cat, np.asarray(params.xi), period)
+        _write_period(job.writer, cat, np.asarray(params.xi), period, kept)
+        result["chunks"] = job.writer.num_chunks
       ckpt.save(period + 1, state, {"result": result})
   finally:
     bar.close()
@@ -361,20 +376,56 @@ def run_job(cc, job: Job, v_max: float, workdir: str, stop=None, seed: int = 0) 
   return result
 
 
-def _write_period(writer, cat: dict, xi: np.ndarray, period: int) -> None:
-  """Appends one period's records as n streams (slot-major), ξ [n, 6] from the env params."""
+def episodes_diverged(diverged: np.ndarray, episode_length: int) -> np.ndarray:
+  """[episodes, n] bool: which episodes of a period's records ([P, n] `diverged`) diverged."""
+  e = episode_length + 1
+  return diverged.reshape(diverged.shape[0] // e, e, *diverged.shape[1:]).any(axis=1)
+
+
+def _write_period(writer, cat: dict, xi: np.ndarray, period: int, kept: np.ndarray) -> None:
+  """Appends one period's kept episodes as streams: a slot's runs of consecutive kept episodes.
+
+  Without a divergence that is one chunk of n streams (slot-major, `step0` 0). A dropped episode
+  splits its slot's stream in two; a run that starts at episode k has `step0` k·(L + 1), so its
+  records keep their observation-function keys (stream id period·n + slot, step0 + j). Runs of
+  equal length share a chunk (shortest first); a period with nothing kept writes nothing.
+
+  Args:
+    writer: the DatasetWriter.
+    cat: the period's records, [P, n, ...] (P = episodes · (L + 1)).
+    xi: [n, 6] ξ from the env params.
+    period: the period index (stream ids).
+    kept: [episodes, n] bool, the episodes to write.
+  """
   n = xi.shape[0]
-  t = lambda x: np.swapaxes(x, 0, 1)  # [P, n, ...] -> [n, P, ...]
-  writer.append(
-    obs=t(cat["obs"]).astype(np.float32),
-    action=t(cat["action"]).astype(np.float32),
-    reward=t(cat["reward"]).astype(np.float32),
-    first=t(cat["first"]),
-    last=t(cat["last"]),
-    xi=xi.astype(np.float32),
-    stream=np.arange(period * n, (period + 1) * n, dtype=np.int32),
-    step0=np.zeros(n, np.int32),
-  )
+  e = cat["obs"].shape[0] // kept.shape[0]
+  runs = collections.defaultdict(list)  # length in episodes -> [(slot, first episode)]
+  for slot in range(n):
+    k = 0
+    while k < kept.shape[0]:
+      if not kept[k, slot]:
+        k += 1
+        continue
+      end = k
+      while end < kept.shape[0] and kept[end, slot]:
+        end += 1
+      runs[end - k].append((slot, k))
+      k = end
+  for length in sorted(runs):
+    rows = runs[length]
+    take = lambda x, rows=rows, span=length * e: np.stack(
+      [x[k * e : k * e + span, slot] for slot, k in rows]
+    )
+    writer.append(
+      obs=take(cat["obs"]).astype(np.float32),
+      action=take(cat["action"]).astype(np.float32),
+      reward=take(cat["reward"]).astype(np.float32),
+      first=take(cat["first"]),
+      last=take(cat["last"]),
+      xi=xi[[slot for slot, _ in rows]].astype(np.float32),
+      stream=np.asarray([period * n + slot for slot, _ in rows], np.int32),
+      step0=np.asarray([k * e for _, k in rows], np.int32),
+    )
 
 
 def load_actor(path: str, like):
@@ -421,6 +472,7 @@ def stage_v_max(cc, root: str, domains, stop) -> dict:
       "value": float(np.mean(evaluation["speed"])),
       "source": "measured",
       "deterministic_return": float(np.mean(evaluation["returns"])),
+      "dropped_episodes": trained["dropped_episodes"] + evaluation["dropped_episodes"],
     }
     _update_metadata(root, "v_max", domain, value)
   return read_metadata(root, "v_max")
@@ -448,8 +500,8 @@ def _evaluate(
     writer=None,
   )
   out = run_job(cc, ev, v_max, os.path.join(workdir, f"eval_mode{mode}"), stop, seed=cc.seed + 1)
-  returns = [float(np.mean(a)) for a in out["returns"][0]]
-  return {"returns": returns, "speed": out["speed"][0]}
+  returns = [float(np.mean(a)) if a else float("nan") for a in out["returns"][0]]
+  return {"returns": returns, "speed": out["speed"][0], "dropped_episodes": out["dropped_episodes"]}
 
 
 def stage_gate(cc, root: str, domains, v_max: dict, stop) -> dict:
@@ -523,7 +575,7 @@ def stage_behaviour(cc, root: str, domains, v_max: dict, gate: dict, stop) -> No
         xi_gate=1.0, writer=writer,
       )  # fmt: skip
       result = run_job(cc, job, v_max[domain]["value"], workdir, stop, seed=cc.seed + 3)
-      writer.close()
+      writer.close({"dropped_episodes": result["dropped_episodes"]})
       result.pop("final_state")
       logs.write_json(os.path.join(workdir, "result.json"), result)
 
@@ -590,8 +642,8 @@ def _generate(cc, root, dist_name, domain, kind, snapshots, v_max, gate, stop) -
     writer=writer,
   )
   workdir = _stage_dir(root, "generate", dist_name, domain, kind)
-  run_job(cc, job, v_max[domain]["value"], workdir, stop, seed=cc.seed + 5)
-  writer.close()
+  result = run_job(cc, job, v_max[domain]["value"], workdir, stop, seed=cc.seed + 5)
+  writer.close({"dropped_episodes": result["dropped_episodes"]})
 
 
 def _actor_shapes(cc, domain: str, n: int):

@@ -11,6 +11,9 @@ and `random_steps` are data, so changing them never recompiles.
 One iteration (one control step of every member), with `s_{t-1}` and its action `a_{t-1}` in
 the carry:
 1. `s_t = env.step(s_{t-1}, a_{t-1})` (one step for all A·N members);
+   A member whose simulation diverged waits out its episode on its last finite state (records
+   marked `diverged`, reward 0; `hold_diverged`), so every episode keeps its
+   `episode_length + 1` records and collection can drop diverged episodes whole;
 2. in mode TRAIN, the transition `(o_{t-1}, ξ, a_{t-1}, r_t, o_t)` goes into the agent's
    circular replay, unless `s_{t-1}` is `last` (the env ignores the action and starts a new
    episode: no transition) or `s_t` is `diverged`;
@@ -170,7 +173,7 @@ class ChunkOut:
     reward: [chunk, A·N] r_t of s_t.
     first: [chunk, A·N] bool.
     last: [chunk, A·N] bool.
-    diverged: [chunk, A·N] bool.
+    diverged: [chunk, A·N] bool, the episode diverged at or before this record.
     stream_step: [chunk, A·N] int32 the slot's state counter.
     episode_return: [chunk, A·N] the episode's reward sum up to this record.
     speed: [chunk, A·N] forward speed v_x of s_t (the v_max stage averages it).
@@ -190,6 +193,31 @@ class ChunkOut:
   speed: jax.Array
   metrics: dict[str, jax.Array]
   agent_metrics: dict[str, jax.Array]
+
+
+def hold_diverged(
+  prev: env_lib.EnvState, stepped: env_lib.EnvState, env_params: env_lib.EnvParams
+) -> env_lib.EnvState:
+  """Keeps a diverged member on its episode grid: it waits out the episode, then restarts.
+
+  The env marks a diverged member `last` (its previous finite state, reward 0) and restarts it at
+  the next step, which would shift every later episode of that slot off the
+  `episode_length + 1`-record grid that datasets and scenario periods rely on. Here the member
+  instead repeats that finite state, marked `diverged` with reward 0, until its episode's
+  scheduled end (`t = episode_length`, the only `last` of the episode); the next step restarts
+  it on the grid. Every record of a diverged episode from the divergence on is `diverged`, so
+  collection drops the whole episode and the replay stores none of its later transitions.
+  """
+  held = prev.diverged & ~prev.last
+  waiting = prev.replace(
+    first=jnp.zeros_like(prev.first),
+    reward=jnp.zeros_like(prev.reward),
+    t=prev.t + 1,
+    stream_step=prev.stream_step + 1,
+  )
+  rows = lambda x: held.reshape(held.shape + (1,) * (x.ndim - 1))
+  cur = jax.tree.map(lambda w, s: jnp.where(rows(w), w, s), waiting, stepped)
+  return cur.replace(last=jnp.where(cur.diverged, cur.t >= env_params.episode_length, cur.last))
 
 
 def _write(replay_a: Replay, obs, xi, action, reward, next_obs, valid) -> Replay:
@@ -364,7 +392,7 @@ def make_runner(env: env_lib.Env, config: RunnerConfig) -> Runner:
   def iteration(state: RunnerState, env_params, controls: Controls):
     key, key_act, key_upd = jax.random.split(state.key, 3)
     prev = state.env
-    cur = env.step(env_params, prev, state.action)
+    cur = hold_diverged(prev, env.step(env_params, prev, state.action), env_params)
     train = controls.mode == int(RunnerMode.TRAIN)
 
     # Replay: (o_{t-1}, ξ, a_{t-1}, r_t, o_t) unless s_{t-1} ended its episode or s_t diverged.

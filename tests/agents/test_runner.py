@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from mrcom_jax.agents import runner as runner_lib
-from tests.agents.conftest import CHUNK, CONFIG, A, N, copy
+from tests.agents.conftest import CHUNK, CONFIG, A, N, cheetah_params, copy
 
 RECORDS = 21  # records per episode at episode_length 20: first … last
 
@@ -134,3 +134,31 @@ def test_config_checks(runner, short_params):
     runner_lib.make_runner(runner.env, CONFIG.__class__(domain="walker"))
   with pytest.raises(ValueError, match="mode"):
     runner_lib.make_controls(7)
+
+
+def test_diverged_member_waits_out_its_episode(runner):
+  """A NaN injected mid-episode (as the env tests do): that member's episode keeps its 301
+  records (marked `diverged` from the divergence on, reward 0, finite), restarts on the grid
+  with the others, and the replay stores none of its later transitions."""
+  params = cheetah_params(runner, 300)  # records 0…300 are episode 1, 301… episode 2
+  state, _ = runner.run(
+    runner.init(params, jax.random.PRNGKey(1)), params, runner_lib.make_controls("explore")
+  )
+  state = copy(state)  # after records 0…250: every member at t = 250, mid-episode
+  qvel = np.array(state.env.data.qvel)
+  qvel[3] = np.nan
+  state = state.replace(env=state.env.replace(data=state.env.data.replace(qvel=qvel)))
+  controls = runner_lib.make_controls("train", random_steps=10**6)
+  final, out = runner.run(state, params, controls)
+  diverged, last, first = (np.asarray(getattr(out, f)) for f in ("diverged", "last", "first"))
+  held = np.arange(251, 502)[:, None] <= 300  # records 251…300 of the chunk's 251…501
+  np.testing.assert_array_equal(diverged, held & (np.arange(A * N) == 3))
+  grid = np.arange(251, 502)[:, None]
+  np.testing.assert_array_equal(last, np.broadcast_to(grid == 300, last.shape))
+  np.testing.assert_array_equal(first, np.broadcast_to(grid == 301, first.shape))
+  assert np.all(np.asarray(out.reward)[diverged] == 0.0)
+  assert np.isfinite(np.asarray(out.obs)).all() and np.isfinite(np.asarray(out.reward)).all()
+  assert not diverged[np.asarray(out.first)].any()  # the next episode starts clean
+  # Transitions into records 252…501 (not out of `last` 300): 250 per member; member 3 (agent
+  # 0) adds none into its held records 251…300 nor out of 300: only 302…501, 200.
+  np.testing.assert_array_equal(np.asarray(final.replay.size), [3 * 250 + 200, 4 * 250])

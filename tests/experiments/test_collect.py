@@ -65,6 +65,66 @@ def test_collection_stage_resumes_bitwise_after_a_kill(pipeline, tmp_path):
       np.testing.assert_array_equal(getattr(d1.chunk(i), field), getattr(d2.chunk(i), field))
 
 
+def test_a_diverged_episode_is_dropped_and_the_stage_completes(tmp_path, monkeypatch):
+  """A NaN model parameter (member 2 of period 1) diverges that member's episode: the stage
+  completes, reports one dropped episode, and writes every other episode as whole streams."""
+  cc = pipeline_config().collect
+  real, calls = collect.make_params, []
+
+  def make_params(*args, **kwargs):  # run_job builds period p's params at its (p + 1)-th call
+    params = real(*args, **kwargs)
+    calls.append(len(calls))
+    if len(calls) == 2:
+      mass = params.model.body_mass.at[2].set(np.nan)
+      params = params.replace(model=params.model.replace(body_mass=mass))
+    return params
+
+  monkeypatch.setattr(collect, "make_params", make_params)
+  path = str(tmp_path / "stream")
+  writer = collect.open_writer(path, "cheetah", "behaviour", cc.episode_length, {})
+  job = dataclasses.replace(_job(cc, writer), periods=2)
+  result = collect.run_job(cc, job, 8.0, str(tmp_path), seed=3)
+  writer.close({"dropped_episodes": result["dropped_episodes"]})
+  assert result["dropped_episodes"] == 1 and len(calls) == 2
+  assert len(result["returns"][1][0]) == 3  # period 1: 3 of the 4 slots' episodes
+  ds = dataset_lib.Dataset.open(path)
+  assert ds.info["dropped_episodes"] == 1
+  assert [c.num_streams for c in ds] == [4, 3] and ds.num_episodes == 7
+  np.testing.assert_array_equal(ds.chunk(1).stream, [4, 5, 7])  # slot 2 of period 1 is gone
+  assert all(np.isfinite(np.asarray(c.obs)).all() for c in ds)
+
+
+def test_a_dropped_episode_splits_its_stream(tmp_path):
+  """_write_period writes a slot's runs of kept episodes as streams, with their step0 and ξ."""
+  e, episodes, n = 4, 3, 3  # records per episode, episodes per period, slots
+  rng = np.random.default_rng(0)
+  j = np.arange(e * episodes) % e
+  first = np.broadcast_to((j == 0)[:, None], (e * episodes, n)).copy()
+  cat = {
+    "obs": rng.normal(size=(e * episodes, n, 17)).astype(np.float32),
+    "action": rng.uniform(-1, 1, size=(e * episodes, n, 6)).astype(np.float32),
+    "reward": np.where(first, 0.0, rng.uniform(size=(e * episodes, n))).astype(np.float32),
+    "first": first,
+    "last": np.broadcast_to((j == e - 1)[:, None], (e * episodes, n)).copy(),
+  }
+  xi = np.tile([0.0, 0.0, 1.0, 1.0, 1.0, 0.5], (n, 1)).astype(np.float32)
+  xi[:, 5] = [0.5, 0.6, 0.7]
+  kept = np.ones((episodes, n), bool)
+  kept[1, 0] = False  # slot 0 loses its middle episode
+  kept[:, 2] = False  # slot 2 loses all three
+  writer = dataset_lib.DatasetWriter(tmp_path / "d", "cheetah", "behaviour", episode_length=e - 1)
+  collect._write_period(writer, cat, xi, period=2, kept=kept)
+  ds = writer.close()
+  (short, long_) = list(ds)
+  np.testing.assert_array_equal(short.stream, [6, 6])  # period 2 · 3 slots + slot 0, twice
+  np.testing.assert_array_equal(short.step0, [0, 2 * e])
+  np.testing.assert_array_equal(short.obs[1], cat["obs"][2 * e :, 0])
+  np.testing.assert_array_equal(short.xi[:, 5], [0.5, 0.5])
+  np.testing.assert_array_equal(long_.stream, [7])
+  np.testing.assert_array_equal(long_.obs[0], cat["obs"][:, 1])
+  assert ds.num_episodes == 5
+
+
 def test_v_max_expert_measures_speed(pipeline, tmp_path):
   c = pipeline_config(**{"collect.v_max.measure": True})
   meta = collect.stage_v_max(c.collect, str(tmp_path), ("cheetah",), stop=None)
