@@ -7,14 +7,17 @@ Runs the stages in PROTOCOL.md's order, each made once (seed 0) and shared by ev
   2. gate      the feasibility gate (specialists at the widest corners) → metadata/gate.json
   3. behaviour a ξ-conditioned SAC per (distribution, domain); every record it generates is
                streamed to behaviour/<distribution>/<domain>/stream (a dataset of kind 'behaviour')
-  4. datasets  datasets/<distribution>/<domain>/{mix,medium,expert,random} (mrcom_jax.data)
+  4. datasets  datasets/<distribution>/<domain>/{mix,medium,expert,random} (mrcom_jax.data);
+               medium/expert replay a behaviour snapshot with ξ on, medium the first whose
+               deterministic return reaches half the final one's → metadata/snapshot_returns.json
   5. lists     5 evaluation scenarios per (domain, setting)            → metadata/eval_lists.json
   6. random    the uniform policy's return per list scenario → metadata/random_returns.json
   7. specialists one SAC per list scenario, vmapped per domain → metadata/specialists.json
 Every stage checkpoints (orbax) at its scenario-period boundaries, resumes from there when
 re-run, and is skipped when its output already exists. Later stages read earlier stages' outputs
 from `metadata/`; nothing is written back into a config. SIGTERM / SIGUSR1 stop at the next chunk
-boundary; the stage resumes from its last period checkpoint.
+boundary; the stage resumes from its last period checkpoint. A diverged episode is dropped
+(counted as `dropped_episodes` in the stage's results and datasets), never fatal.
 
 All SAC recipes of a domain go through one program (`mrcom_jax.agents.runner`): reward mode,
 scenarios, the ξ input gate and the mode (train / explore / deterministic / random) are data.
@@ -144,6 +147,10 @@ def validate(cc) -> None:
       raise ValueError(f"config.collect.evaluation.settings has {setting!r}: choose from {known}")
   if cc.scenario_episodes < 1:
     raise ValueError(f"config.collect.scenario_episodes={cc.scenario_episodes} must be ≥ 1")
+  if cc.datasets.eval_episodes < 1:
+    raise ValueError(
+      f"config.collect.datasets.eval_episodes={cc.datasets.eval_episodes} must be ≥ 1"
+    )
 
 
 def training_distribution(name: str, shrink: float = 0.0) -> scen.ScenarioDistribution:
@@ -608,7 +615,12 @@ def stage_datasets(cc, root: str, domains, v_max: dict, gate: dict, stop) -> Non
 
 
 def _generate(cc, root, dist_name, domain, kind, snapshots, v_max, gate, stop) -> None:
-  """medium / expert (a behaviour snapshot, stochastic) or random (uniform actions) data."""
+  """medium / expert (a behaviour snapshot, stochastic, ξ on) or random (uniform actions) data.
+
+  A snapshot acts exactly as it was trained, with ξ as input (PROTOCOL.md). `expert` replays the
+  final snapshot; `medium` the first whose deterministic evaluation return (`snapshot_return`)
+  is at least half the final snapshot's.
+  """
   r = cc.behaviour
   n = r.num_envs
   dist = training_distribution(dist_name, gate[domain]["shrink"])
@@ -616,15 +628,16 @@ def _generate(cc, root, dist_name, domain, kind, snapshots, v_max, gate, stop) -
   episodes = math.ceil(cc.datasets.records / (n * per_episode))
   p_eps = min(cc.scenario_episodes, episodes)
   info = {"distribution": dist.to_dict(), "v_max": v_max[domain], "seed": cc.seed}
-  actor, mode = None, runner_lib.RunnerMode.RANDOM
+  actor, mode, xi_gate = None, runner_lib.RunnerMode.RANDOM, 0.0
   if kind in ("medium", "expert"):
-    final = snapshots[-1]["mean_return"] or 0.0
+    value = lambda snap: snapshot_return(cc, root, dist_name, domain, snap, v_max, gate, stop)
+    final = value(snapshots[-1])
     pick = snapshots[-1]
     if kind == "medium":
-      pick = next(s for s in snapshots if (s["mean_return"] or -np.inf) >= 0.5 * final)
-    info["snapshot"] = pick
-    like = jax.tree.map(lambda x: np.zeros(x.shape[1:], x.dtype), _actor_shapes(cc, domain, n))
-    actor, mode = load_actor(pick["path"], like), runner_lib.RunnerMode.EXPLORE
+      pick = next((s for s in snapshots if value(s) >= 0.5 * final), snapshots[-1])
+    info["snapshot"] = {**pick, "deterministic_return": value(pick), "final_return": final}
+    actor = load_actor(pick["path"], _actor_like(cc, domain))
+    mode, xi_gate = runner_lib.RunnerMode.EXPLORE, 1.0
   path = dataset_path(root, dist_name, domain, kind)
   writer = open_writer(path, domain, kind, cc.episode_length, info)
   dom_id = specs.get_domain(domain).id
@@ -638,12 +651,62 @@ def _generate(cc, root, dist_name, domain, kind, snapshots, v_max, gate, stop) -
       _draw_period, cc, dist, domain, n, (5, dom_id, DATASET_KINDS.index(kind))
     ),
     mode=mode,
+    xi_gate=xi_gate,
     actor=actor,
     writer=writer,
   )
   workdir = _stage_dir(root, "generate", dist_name, domain, kind)
   result = run_job(cc, job, v_max[domain]["value"], workdir, stop, seed=cc.seed + 5)
   writer.close({"dropped_episodes": result["dropped_episodes"]})
+
+
+def snapshot_return(cc, root, dist_name, domain, snap: dict, v_max, gate, stop) -> float:
+  """A behaviour snapshot's deterministic evaluation return on the training distribution.
+
+  The snapshot acts with ξ on and the tanh of its mean for `datasets.eval_episodes` episodes
+  or more (whole episodes on every slot of the behaviour program), on scenarios drawn once
+  from the training distribution (the same for every snapshot). The result is recorded in
+  `metadata/snapshot_returns.json` under "<distribution>/<domain>" and period, and read from
+  there when present.
+  """
+  key, period = f"{dist_name}/{domain}", str(snap["period"])
+  try:
+    done = read_metadata(root, "snapshot_returns").get(key, {})
+  except FileNotFoundError:
+    done = {}
+  if period in done:
+    return done[period]["deterministic_return"]
+  n = cc.behaviour.num_envs
+  dist = training_distribution(dist_name, gate[domain]["shrink"])
+  dom_id, dist_id = specs.get_domain(domain).id, DISTRIBUTIONS.index(dist_name)
+  job = Job(
+    name=f"evaluate {dist_name}/{domain} period {period}",
+    domain=domain,
+    rc=recipe(cc, "behaviour"),
+    periods=1,
+    period_episodes=math.ceil(cc.datasets.eval_episodes / n),
+    scenarios=functools.partial(_draw_period, cc, dist, domain, n, (8, dom_id, dist_id)),
+    mode=runner_lib.RunnerMode.DETERMINISTIC,
+    xi_gate=1.0,
+    actor=load_actor(snap["path"], _actor_like(cc, domain)),
+  )
+  workdir = _stage_dir(root, "generate", dist_name, domain, "evaluate", f"period_{period}")
+  out = run_job(cc, job, v_max[domain]["value"], workdir, stop, seed=cc.seed + 8)
+  returns = [x for per_agent in out["returns"][0] for x in per_agent]
+  entry = {
+    "deterministic_return": float(np.mean(returns)) if returns else float("nan"),
+    "episodes": len(returns),
+    "dropped_episodes": out["dropped_episodes"],
+    "training_return": snap["mean_return"],  # the episodes played before it was saved
+  }
+  _update_metadata(root, "snapshot_returns", key, {**done, period: entry})
+  return entry["deterministic_return"]
+
+
+def _actor_like(cc, domain: str):
+  """Zeros shaped as one behaviour actor's params (what `load_actor` restores into)."""
+  shapes = _actor_shapes(cc, domain, cc.behaviour.num_envs)
+  return jax.tree.map(lambda x: np.zeros(x.shape[1:], x.dtype), shapes)
 
 
 def _actor_shapes(cc, domain: str, n: int):

@@ -66,6 +66,8 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
   c.datasets = ml_collections.ConfigDict()
   c.datasets.kinds = DATASET_KINDS
   c.datasets.records = 1_000_000  # transitions per domain and kind
+  # medium: deterministic evaluation episodes per behaviour snapshot (ξ on, training distribution)
+  c.datasets.eval_episodes = 10
 
   # 5. Evaluation lists: scenarios per (domain, evaluation setting), drawn once.
   c.evaluation = ml_collections.ConfigDict()
