@@ -28,6 +28,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import os
@@ -151,6 +152,20 @@ def validate(cc) -> None:
     raise ValueError(
       f"config.collect.datasets.eval_episodes={cc.datasets.eval_episodes} must be ≥ 1"
     )
+  if cc.gate.enabled:
+    limit = max_gate_shrink()
+    if not 0 < cc.gate.shrink < limit:
+      raise ValueError(
+        f"config.collect.gate.shrink={cc.gate.shrink} must lie in (0, {limit:.3g}): a step of "
+        f"{limit:.3g} or more empties or inverts setting (d)'s α interval [0.4, 0.6) (its lower "
+        "bound moves up by the shrink); choose a smaller step, e.g. 0.05"
+      )
+    lo, hi = cc.gate.alpha
+    if not lo < 1 < hi:
+      raise ValueError(
+        f"config.collect.gate.alpha={tuple(cc.gate.alpha)} must hold 1 strictly inside "
+        "(the widest evaluated range's corners, e.g. (0.4, 1.6))"
+      )
 
 
 def training_distribution(name: str, shrink: float = 0.0) -> scen.ScenarioDistribution:
@@ -160,7 +175,7 @@ def training_distribution(name: str, shrink: float = 0.0) -> scen.ScenarioDistri
     return scen.fixed_dynamics()
   d = scen.get_distribution("a" if base == "narrow" else "c", "train")
   if base == "wide" and shrink:
-    d = dataclasses.replace(d, alpha=((d.alpha[0][0] + shrink, d.alpha[0][1] - shrink),))
+    d = dataclasses.replace(d, alpha=_shrink_alpha(d.alpha, shrink, f"{name!r} (training)"))
   return d.with_beta(float(beta)) if beta else d
 
 
@@ -171,11 +186,32 @@ def evaluation_distribution(setting: str, shrink: float = 0.0) -> scen.ScenarioD
   base, _, beta = setting.partition("@")
   d = scen.get_distribution(base, "eval")
   if base in ("c", "d") and shrink:  # the outer α bounds move inward by `shrink`
-    alpha = tuple(
-      (lo + shrink if lo < 1 else lo, hi - shrink if hi > 1 else hi) for lo, hi in d.alpha
-    )
-    d = dataclasses.replace(d, alpha=alpha)
+    d = dataclasses.replace(d, alpha=_shrink_alpha(d.alpha, shrink, f"setting ({base})"))
   return d.with_beta(float(beta)) if beta else d
+
+
+def _shrink_alpha(alpha, shrink: float, what: str) -> tuple:
+  """Moves the outer α bounds (below / above 1) inward by `shrink`; refuses to empty one."""
+  out = []
+  for lo, hi in alpha:
+    new = (lo + shrink if lo < 1 else lo, hi - shrink if hi > 1 else hi)
+    if new[0] >= new[1]:
+      raise ValueError(
+        f"the gate's α shrink {shrink:.3g} would invert {what}'s α interval [{lo}, {hi}] into "
+        f"[{new[0]:.3g}, {new[1]:.3g}]: the shrink must stay below {max_gate_shrink():.3g} "
+        "(config.collect.gate.shrink is the step)"
+      )
+    out.append(new)
+  return tuple(out)
+
+
+def max_gate_shrink() -> float:
+  """The least shrink that empties an α interval the gate narrows: (d)'s [0.4, 0.6), 0.2."""
+  limits = []
+  for base, split in (("c", "train"), ("c", "eval"), ("d", "eval")):
+    for lo, hi in scen.get_distribution(base, split).alpha:
+      limits.append((hi - lo) / 2 if lo < 1 < hi else hi - lo)
+  return min(limits)
 
 
 # ---- the runner programs ------------------------------------------------------------------------
@@ -519,8 +555,8 @@ def stage_gate(cc, root: str, domains, v_max: dict, stop) -> dict:
     if not cc.gate.enabled:
       _update_metadata(root, "gate", domain, {"enabled": False, "shrink": 0.0, "label": "gate off"})
       continue
-    shrink, history = 0.0, []
-    while True:
+    shrink, history, limit = 0.0, [], max_gate_shrink()
+    for k in itertools.count(1):
       lo, hi = cc.gate.alpha[0] + shrink, cc.gate.alpha[1] - shrink
       corners = [(a, b) for a in (lo, hi) for b in (lo, hi)] + [(1.0, 1.0)]
       members = [scen.Scenario(domain, a, b, cc.gate.beta) for a, b in corners]
@@ -534,9 +570,9 @@ def stage_gate(cc, root: str, domains, v_max: dict, stop) -> dict:
         f"gate {domain}: α in [{lo:.2f}, {hi:.2f}] ratios {np.round(ratios, 3)} → "
         f"{'pass' if ok else 'fail'}"
       )
-      if ok or hi - lo <= 0.4:
+      if ok or k * cc.gate.shrink >= limit - 1e-9:  # the next step would empty (d)'s ring
         break
-      shrink += cc.gate.shrink
+      shrink = round(k * cc.gate.shrink, 9)
     verdict = {"enabled": True, "passed": ok, "shrink": shrink, "history": history}
     _update_metadata(root, "gate", domain, verdict)
   return read_metadata(root, "gate")

@@ -206,6 +206,21 @@ def test_evaluation_lists_are_fixed_and_follow_settings(tmp_path):
     assert 0.8 <= s["alpha_len"] <= 1.2 and 0.5 <= s["beta"] <= 0.8
 
 
+def test_gate_shrink_cannot_invert_setting_d():
+  """The gate's step is checked up front, and a shrink that would empty (d)'s [0.4, 0.6) ring
+  is an error naming that interval, not an inverted range drawn from silently."""
+  assert collect.max_gate_shrink() == pytest.approx(0.2)
+  c = pipeline_config(**{"collect.gate.enabled": True, "collect.gate.shrink": 0.25})
+  with pytest.raises(ValueError, match=r"config.collect.gate.shrink=0.25 must lie in \(0, 0.2\)"):
+    collect.validate(c.collect)
+  with pytest.raises(ValueError, match=r"invert setting \(d\)'s α interval \[0.4, 0.6\]"):
+    collect.evaluation_distribution("d", shrink=0.2)
+  with pytest.raises(ValueError, match=r"'wide' \(training\)'s α interval \[0.6, 1.4\]"):
+    collect.training_distribution("wide", shrink=0.4)
+  e = collect.evaluation_distribution("d", shrink=0.15)  # the gate's last step at 0.05
+  np.testing.assert_allclose(e.alpha, [(0.55, 0.6), (1.4, 1.45)])
+
+
 def test_gate_shrink_narrows_wide_ranges():
   d = collect.training_distribution("wide", shrink=0.1)
   np.testing.assert_allclose(d.alpha, [(0.7, 1.3)])
@@ -285,3 +300,17 @@ def test_gate_records_its_verdict(pipeline, tmp_path):
   (first,) = verdict["history"]
   assert first["alpha"] == [0.4, 1.6] and len(first["returns"]) == 5 and len(first["ratios"]) == 4
   assert verdict["passed"] == all(np.isfinite(first["ratios"]))  # threshold 0: finite ratios pass
+
+
+@pytest.mark.slow  # four rounds of corner specialists (the fast test covers the bound itself)
+def test_gate_stops_shrinking_before_setting_d_inverts(pipeline, tmp_path):
+  c = pipeline_config(**{"collect.gate.enabled": True, "collect.gate.threshold": float("inf")})
+  v_max = {"cheetah": {"value": 8.0, "source": "provisional (labelled)"}}
+  verdict = collect.stage_gate(c.collect, str(tmp_path), ("cheetah",), v_max, stop=None)["cheetah"]
+  assert not verdict["passed"] and verdict["shrink"] == pytest.approx(0.15)
+  np.testing.assert_allclose(
+    [h["alpha"] for h in verdict["history"]], [[0.4, 1.6], [0.45, 1.55], [0.5, 1.5], [0.55, 1.45]]
+  )
+  lists = collect.stage_lists(c.collect, str(tmp_path), ("cheetah",), {"cheetah": verdict})
+  assert lists["cheetah"]  # the shrunk ranges draw
+  collect.evaluation_distribution("d", verdict["shrink"])  # (d) stays a valid ring
