@@ -16,7 +16,8 @@ from mrcom_jax.agents import runner as runner_lib
 from mrcom_jax.agents import sac as sac_lib
 from mrcom_jax.data import dataset as dataset_lib
 from mrcom_jax.envs import scenarios as scen
-from tests.experiments.conftest import pipeline_config
+from mrcom_jax.training import checkpoint as checkpoint_lib
+from tests.experiments.conftest import EPISODE, pipeline_config
 
 
 class StopAfter:
@@ -126,13 +127,30 @@ def test_a_dropped_episode_splits_its_stream(tmp_path):
   assert ds.num_episodes == 5
 
 
-def test_v_max_expert_measures_speed(pipeline, tmp_path):
-  c = pipeline_config(**{"collect.v_max.measure": True})
-  meta = collect.stage_v_max(c.collect, str(tmp_path), ("cheetah",), stop=None)
+def test_v_max_is_the_deterministic_mean_speed_of_its_window(tmp_path):
+  """v_max is the mean v_x over control steps 200–999 (here from L // 5 = 10 to 49) of the
+  trained expert's deterministic episodes: recomputed from a replay of its checkpointed state."""
+  cc = pipeline_config(**{"collect.v_max.measure": True}).collect
+  meta = collect.stage_v_max(cc, str(tmp_path), ("cheetah",), stop=None)
   v = meta["cheetah"]
-  assert v["source"] == "measured" and np.isfinite(v["value"])
-  assert abs(v["value"]) < 20  # a speed in m/s (the expert is barely trained here)
-  again = collect.stage_v_max(c.collect, str(tmp_path), ("cheetah",), stop=None)
+  assert v["source"] == "measured" and v["dropped_episodes"] == 0
+  runner = collect.get_runner("cheetah", collect.recipe(cc, "behaviour"))
+  members = [scen.Scenario("cheetah", 1.0, 1.0, 1.0)] * cc.behaviour.num_envs
+  params = collect.make_params(cc, "cheetah", members, 1.0, "suite")
+  like = runner.init(params, jax.random.PRNGKey(0))
+  workdir = os.path.join(tmp_path, "v_max", "cheetah", "checkpoints")
+  with checkpoint_lib.Checkpointer(workdir) as ckpt:
+    _, state, _ = ckpt.restore_latest(like)  # the expert after training
+  controls = runner_lib.make_controls("deterministic")
+  speed = []
+  for _ in range(3):  # ⌈10 episodes / 4 slots⌉ = 3 whole episodes per slot (one chunk each)
+    state, out = runner.run(state, params, controls)
+    speed.append(np.asarray(out.speed))
+  speed = np.concatenate(speed)  # [153, 4]
+  t = np.arange(speed.shape[0]) % (EPISODE + 1)
+  np.testing.assert_allclose(v["value"], speed[(t >= 10) & (t < EPISODE)].mean(), rtol=1e-5)
+  assert not np.isclose(v["value"], speed.mean(), rtol=1e-3)  # the window matters here
+  again = collect.stage_v_max(cc, str(tmp_path), ("cheetah",), stop=None)
   assert again == meta  # a finished stage is skipped
 
 
