@@ -23,6 +23,8 @@ Format (version 1)
 - A **stream** is a run of consecutive whole episodes of one scenario in one env slot. Record j of
   a stream is the state the slot produced at step `step0 + j`; its observation function key is
   `(seed, domain, stream, step0 + j)` (`envs.obs_functions.step_key`), exactly as in the env.
+  When collection drops a diverged episode, the slot's two remaining runs are two streams with
+  the same id and different `step0`, so every record keeps its key.
 - Every episode has `episode_length + 1` records (control steps + 1), so a stream of n episodes
   has `L = n · (episode_length + 1)` records; `first` is True exactly at multiples of
   `episode_length + 1` and `last` exactly one record before the next `first`.
