@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import glob
 import json
+import logging
 import os
 import re
 import shutil
@@ -20,6 +20,7 @@ import pytest
 from experiments import collect, pretrain
 from mrcom_jax.training import checkpoint, logs
 from tests.experiments.conftest import pipeline_config
+from tests.training import test_checkpoint
 
 # The total loss (Eq. 16) of the first logged 50-update chunk over that of the last falls by at
 # least this factor over the 300 smoke updates (measured: 14.18 → 11.28, a factor 1.26).
@@ -106,17 +107,29 @@ def test_sigterm_saves_and_resumes_exactly(pipeline, tmp_path):
   assert _same_tree(second.state, pipeline.run.state)
 
 
-def test_corrupted_latest_checkpoint_falls_back(pipeline, tmp_path, caplog):
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_corrupted_latest_checkpoint_falls_back(damage, pipeline, tmp_path, caplog, capfd):
+  """64 inverted bytes in the newest checkpoint's largest array file (readable, wrong values:
+  caught by the leaf digests) or that file cut in half (unreadable): the run sets the step aside
+  with one warning line, resumes from the save before it and ends as the uninterrupted run."""
   workdir = str(tmp_path / "copy")
   shutil.copytree(pipeline.workdir, workdir, symlinks=True)
-  for path in glob.glob(
-    os.path.join(workdir, "checkpoints", "300", "state", "**", "*"), recursive=True
-  ):
-    if os.path.isfile(path):
-      with open(path, "wb") as f:
-        f.write(b"\0")
+  path = test_checkpoint.largest_array_file(os.path.join(workdir, "checkpoints", "300"))
+  if damage == "flip":
+    test_checkpoint.flip_bytes(path)
+  else:
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) // 2)
+  capfd.readouterr()
   run = pretrain.pretrain(pipeline.config, workdir, verbose=False)
-  assert "step 300 is corrupted" in caplog.text
+  records = [r for r in caplog.records if r.levelno >= logging.WARNING]
+  ours = [r.getMessage() for r in records if r.name == checkpoint.log.name]
+  assert len(ours) == 1 and "\n" not in ours[0], ours
+  assert "checkpoint step 300 is corrupted" in ours[0] and "corrupted_300" in ours[0]
+  if damage == "flip":
+    assert "digest" in ours[0], ours[0]
+  noise = [r.getMessage() for r in records if r.exc_info or "TensorStore" in r.getMessage()]
+  assert not noise and "Traceback" not in capfd.readouterr().err, noise
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "corrupted_300"))
   assert _same_tree(run.state, pipeline.run.state)  # resumed at 200, redid 100 updates
 
@@ -193,5 +206,8 @@ def test_nan_loss_stops_naming_step_and_term_and_keeps_checkpoint(pipeline, tmp_
     pretrain.pretrain(c, workdir, verbose=False)
   msg = str(e.value)
   assert re.search(r"loss term '[\w/]+' became (nan|inf|-inf) at update 3\d\d\.", msg), msg
-  assert "the last good checkpoint (update 300) is kept" in msg
+  # The checkpoint a rerun would use, how it was checked, and what to do; never "good".
+  assert "the newest checkpoint is update 300" in msg and "resumed from it after checking" in msg
+  assert "rerun: the run resumes from update 300" in msg and "300 aside" in msg
+  assert "good" not in msg
   assert max(map(int, os.listdir(os.path.join(workdir, "checkpoints")))) == 300
