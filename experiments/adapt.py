@@ -45,7 +45,7 @@ from mrcom_jax.world_model import train as train_lib
 
 
 class NonFiniteLossError(RuntimeError):
-  """A SAC loss or an imagined quantity became NaN or Inf; the last good checkpoint is kept."""
+  """A SAC loss or an imagined quantity became NaN or Inf; the newest checkpoint is kept."""
 
 
 # ---- configuration ----------------------------------------------------------------------------
@@ -294,7 +294,8 @@ def _check_finite(out, step: int, chunk: int, ckpt_step, where) -> None:
       if bad.any():
         i = int(np.argwhere(bad)[0][0])
         kept = (
-          f"the last good checkpoint (real step {ckpt_step}) is kept in {where}"
+          f"the newest checkpoint, real step {ckpt_step} (its leaf digests and finiteness are "
+          f"checked when it is restored), is kept in {where}"
           if ckpt_step is not None
           else "no checkpoint had been written yet"
         )
