@@ -294,8 +294,8 @@ def _check_finite(out, step: int, chunk: int, ckpt_step, where) -> None:
       if bad.any():
         i = int(np.argwhere(bad)[0][0])
         kept = (
-          f"the newest checkpoint, real step {ckpt_step} (its leaf digests and finiteness are "
-          f"checked when it is restored), is kept in {where}"
+          f"the newest checkpoint (real step {ckpt_step}) is kept in {where} (its leaf digests "
+          "and finiteness are checked when it is restored)"
           if ckpt_step is not None
           else "no checkpoint had been written yet"
         )
