@@ -62,7 +62,35 @@ def validate(c) -> None:
     (c.target.scenarios > 0, "target.scenarios", c.target.scenarios, "must be > 0"),
     (c.target.episode_length > 0, "target.episode_length", c.target.episode_length, "> 0"),
     (r.chunk > 0, "run.chunk", r.chunk, "must be > 0"),
+    (all(s >= 0 for s in c.seeds), "seeds", tuple(c.seeds), "must all be ≥ 0"),
+    (len(set(c.seeds)) == len(c.seeds), "seeds", tuple(c.seeds), "has a seed twice"),
+    (c.target.obs_seed >= 0, "target.obs_seed", c.target.obs_seed, "must be ≥ 0"),
+    (
+      len(c.target.domains) > 0 or bool(c.target.domain),
+      "target.domains",
+      tuple(c.target.domains),
+      "needs a domain (or an explicit --config.target.domain)",
+    ),
+    (a.random_steps >= 0, "adapt.random_steps", a.random_steps, "must be ≥ 0"),
+    (a.rollout.every > 0, "adapt.rollout.every", a.rollout.every, "must be > 0"),
+    (a.rollout.start >= 0, "adapt.rollout.start", a.rollout.start, "must be ≥ 0"),
+    (a.rollout.starts > 0, "adapt.rollout.starts", a.rollout.starts, "must be > 0"),
+    (a.rollout.horizon > 0, "adapt.rollout.horizon", a.rollout.horizon, "(H) must be > 0"),
+    (a.rollout.keep_rounds > 0, "adapt.rollout.keep_rounds", a.rollout.keep_rounds, "must be > 0"),
+    (a.finetune.updates > 0, "adapt.finetune.updates", a.finetune.updates, "must be > 0"),
+    (a.finetune.batch_size >= 0, "adapt.finetune.batch_size", a.finetune.batch_size, "must be ≥ 0"),
+    (a.finetune.seq_len >= 0, "adapt.finetune.seq_len", a.finetune.seq_len, "must be ≥ 0"),
+    (r.max_to_keep > 0, "run.max_to_keep", r.max_to_keep, "must be > 0"),
   ]
+  for name in ("hidden", "layers", "batch_size", "actor_lr", "critic_lr", "alpha_lr"):
+    checks.append((a.sac[name] > 0, f"adapt.sac.{name}", a.sac[name], "must be > 0"))
+  gamma = a.sac.discount
+  checks.append((0 <= gamma < 1, "adapt.sac.discount", gamma, "must be in [0, 1)"))
+  if c.target.domain:  # an explicit target (PROTOCOL.md: α > 0, v* = β · v_max with β ≤ 1)
+    t = c.target
+    checks += [(t.alpha_len > 0, "target.alpha_len", t.alpha_len, "must be > 0"),
+               (t.alpha_size > 0, "target.alpha_size", t.alpha_size, "must be > 0"),
+               (0 < t.beta <= 1, "target.beta", t.beta, "must be in (0, 1]")]  # fmt: skip
   multiple = f"must be a multiple of run.chunk={r.chunk}"
   sizes = (("adapt.real_steps", a.real_steps), ("run.checkpoint_every", r.checkpoint_every))
   for field, value in sizes:
@@ -90,7 +118,37 @@ def validate(c) -> None:
       "config.adapt.finetune_world_model=True needs config.adapt.model_rollouts=True (a model "
       "that imagines nothing has nothing to fine-tune for)"
     )
-  wm_config.resolve(c.world_model)
+  wm_config.resolve(c.world_model)  # its own checks: every size ≥ 1, scales, mv_mode
+
+
+def check_inputs(c) -> None:
+  """Everything `adapt` can refuse before it writes, loads or compiles anything: the config
+  (`validate`) and the pretraining run (its config.json and metadata, a checkpoint, and the same
+  world model as `config.world_model`, read from its config.json without restoring anything).
+
+  Raises:
+    ValueError, FileNotFoundError: one line naming the field, the value and the fix
+      (CheckpointMismatchError, a ValueError, for a run of another world model).
+  """
+  validate(c)
+  pre = open_pretrained(c)
+  if not c.adapt.model_rollouts:
+    return  # the plain-SAC control never loads the world model
+  ckpt_dir = os.path.join(pre.workdir, "checkpoints")
+  if not any(d.isdigit() for d in (os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else ())):
+    raise FileNotFoundError(
+      f"config.pretrain.workdir={c.pretrain.workdir!r} has no checkpoint in {ckpt_dir}: run "
+      f"`python -m experiments.pretrain --workdir={c.pretrain.workdir}` to the end first"
+    )
+  differences = cli.world_model_differences(pre.config["world_model"], c.world_model)
+  if differences:
+    named = "; ".join(f"config.world_model.{k}: checkpoint {a!r}, this run {b!r}"
+                      for k, a, b in differences)  # fmt: skip
+    fix = " ".join(f"--config.world_model.{k}={a}" for k, a, _ in differences)
+    raise checkpoint_lib.CheckpointMismatchError(
+      f"config.pretrain.workdir={c.pretrain.workdir!r} holds another world model ({named}): "
+      f"pass {fix}, or point config.pretrain.workdir at a run of this world model"
+    )
 
 
 def make_spec(c, domains: tuple[tuple[str, int], ...], behaviour_sac) -> program_lib.AdaptSpec:
@@ -341,7 +399,7 @@ def adapt(c, workdir: str, *, stop_after: int | None = None, verbose: bool = Tru
     stop_after: stop (with a checkpoint) once this many real steps are done, as if pre-empted.
     verbose: progress bar and printed table.
   """
-  validate(c)
+  check_inputs(c)  # bad input fails here, before anything is written
   os.makedirs(workdir, exist_ok=True)
   pre = open_pretrained(c)
   targets = resolve_targets(c, pre)
@@ -469,6 +527,7 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logs.quiet_libraries()
+  cli.exit_on_bad_input(check_inputs, RUN_FLAGS.config.value)  # one line, no traceback
   adapt(RUN_FLAGS.config.value, RUN_FLAGS.workdir.value)
 
 
@@ -482,5 +541,4 @@ define_flags = RUN_FLAGS.define  # launchers: define_flags(flag_values, sys_argv
 
 
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  cli.run(main, define_flags, "experiments/configs/adapt.py")

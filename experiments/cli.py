@@ -1,9 +1,124 @@
-"""Command-line flags shared by the entry points that take a config file and a run directory."""
+"""Command-line flags shared by the entry points that take a config file and a run directory, and
+how they report bad input: one line naming the field, the value and the fix, never a traceback.
+"""
 
 from __future__ import annotations
 
+import difflib
+import json
+import sys
+
 from absl import flags
-from ml_collections import config_flags
+from ml_collections import config_dict, config_flags
+from ml_collections.config_flags import config_flags as config_files
+
+# World-model fields that do not change what a checkpoint holds or computes (compile choices).
+_NOT_THE_MODEL = ("scan_unroll",)
+
+
+class BadInput(ValueError):
+  """A command line that names no config field or has a value its flag cannot parse."""
+
+
+def unknown_field(config, path: str) -> str | None:
+  """The message for an override `--config.<path>` that names no field of `config`, with the
+  closest field's name (difflib); None when `path` names a field."""
+  node, done = config, []
+  for part in path.split("."):
+    keys = list(node.keys()) if isinstance(node, config_dict.ConfigDict) else []
+    if part not in keys:
+      where = ".".join(["config", *done])
+      close = difflib.get_close_matches(part, keys, n=1, cutoff=0.6)
+      hint = (
+        f"did you mean --config.{'.'.join([*done, close[0]])}?"
+        if close
+        else f"its fields are {', '.join(sorted(keys))}"
+        if keys
+        else f"{where} is a value, not a section"
+      )
+      return f"--config.{path}: {where} has no field {part!r}; {hint}"
+    node = node[part]
+    done.append(part)
+  return None
+
+
+def _field_error(argv, default_config: str | None, error: Exception) -> str:
+  """The one-line message for an override that names no field (ml_collections raised `error`)."""
+  path = next((a.removeprefix("--config=") for a in argv if a.startswith("--config=")), None)
+  config = config_files.ConfigFileFlagParser("config").parse(path or default_config)
+  for a in argv[1:]:
+    if a.startswith("--config."):
+      message = unknown_field(config, a.removeprefix("--config.").split("=", 1)[0])
+      if message:
+        return message
+  return f"unknown config field: {str(error).splitlines()[0]}"
+
+
+def parse(define_flags, flag_values, argv, default_config: str | None = None):
+  """Defines an entry point's flags on `flag_values` (`define_flags(flag_values, argv)`) and
+  parses `argv` with them.
+
+  Returns:
+    (what `define_flags` returned, the arguments left after the flags: the program name first).
+
+  Raises:
+    BadInput: an override names no field (the message suggests the closest one) or a value does
+      not parse; one line.
+  """
+  try:
+    holders = define_flags(flag_values, argv)  # overrides are read here when --config is absent
+    rest = flag_values(argv)
+  except flags.Error as e:
+    raise BadInput(str(e).splitlines()[0]) from None
+  except (AttributeError, KeyError) as e:  # ml_collections: an override names no field
+    raise BadInput(_field_error(argv, default_config, e)) from None
+  return holders, rest
+
+
+def run(main, define_flags, default_config: str) -> None:
+  """`app.run(main)` for an entry point whose `define_flags()` defines its flags globally: a
+  command line with an unknown field or an unparsable value exits with one line ('error: ...')
+  instead of a traceback."""
+  from absl import app
+
+  def parse_or_exit(argv):
+    try:
+      return parse(lambda fv, a: define_flags(), flags.FLAGS, argv, default_config)[1]
+    except BadInput as e:
+      sys.exit(f"error: {e}")
+
+  app.run(main, flags_parser=parse_or_exit)
+
+
+def exit_on_bad_input(check, *args) -> None:
+  """Runs an entry point's input checks (`check(*args)`): a bad field, value or path exits with
+  its message on one line ('error: ...') instead of a traceback, before anything runs."""
+  try:
+    check(*args)
+  except (ValueError, FileNotFoundError, NotImplementedError) as e:
+    sys.exit(f"error: {e}")
+
+
+def world_model_differences(saved: dict, requested) -> list[tuple[str, object, object]]:
+  """(field, saved value, requested value) for every world-model field in which a run's saved
+  `world_model` config (its config.json) and `requested` (a ConfigDict) differ; fields that
+  change no number (`scan_unroll`) are left out. Nested fields are dotted ('model_opt.lr')."""
+  a, b = _flat(saved), _flat(json.loads(json.dumps(requested.to_dict())))
+  return [
+    (k, a.get(k), b.get(k))
+    for k in sorted(set(a) | set(b))
+    if a.get(k) != b.get(k) and k not in _NOT_THE_MODEL
+  ]
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
 
 
 def define_run_flags(

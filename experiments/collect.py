@@ -41,12 +41,13 @@ from absl import app, flags
 from ml_collections import config_flags
 from tqdm import tqdm
 
+from experiments import cli
 from mrcom_jax.agents import runner as runner_lib
 from mrcom_jax.agents import sac as sac_lib
 from mrcom_jax.data import dataset as dataset_lib
 from mrcom_jax.envs import env as env_lib
+from mrcom_jax.envs import morphology, specs
 from mrcom_jax.envs import scenarios as scen
-from mrcom_jax.envs import specs
 from mrcom_jax.training import checkpoint as checkpoint_lib
 from mrcom_jax.training import logs
 
@@ -148,6 +149,25 @@ def validate(cc) -> None:
       raise ValueError(f"config.collect.evaluation.settings has {setting!r}: choose from {known}")
   if cc.scenario_episodes < 1:
     raise ValueError(f"config.collect.scenario_episodes={cc.scenario_episodes} must be ≥ 1")
+  rules = morphology.MASS_RULES
+  ranges = [  # the remaining fields (name, value, allowed, ok)
+    ("seed", cc.seed, "≥ 0", cc.seed >= 0),
+    ("domains", tuple(cc.domains), "at least one domain", len(cc.domains) > 0),
+    ("mass_rule", cc.mass_rule, f"one of {rules}", cc.mass_rule in rules),
+    ("v_max.episodes", cc.v_max.episodes, "≥ 1", cc.v_max.episodes >= 1),
+    ("v_max.from_step", cc.v_max.from_step, "≥ 0", cc.v_max.from_step >= 0),
+    ("gate.beta", cc.gate.beta, "in (0, 1]", 0 < cc.gate.beta <= 1),
+    ("gate.threshold", cc.gate.threshold, "in [0, 1]", 0 <= cc.gate.threshold <= 1),
+    ("datasets.records", cc.datasets.records, "≥ 1", cc.datasets.records >= 1),
+  ]  # fmt: skip
+  for name in ("behaviour", "specialist"):
+    r = cc[name]
+    ranges += [(f"{name}.random_steps", r.random_steps, "≥ 0", r.random_steps >= 0),
+               (f"{name}.sac.layers", r.sac.layers, "≥ 1", r.sac.layers >= 1),
+               (f"{name}.sac.lr", r.sac.lr, "> 0", r.sac.lr > 0)]  # fmt: skip
+  for field, value, allowed, ok in ranges:
+    if not ok:
+      raise ValueError(f"config.collect.{field}={value!r} must be {allowed}")
   if cc.datasets.eval_episodes < 1:
     raise ValueError(
       f"config.collect.datasets.eval_episodes={cc.datasets.eval_episodes} must be ≥ 1"
@@ -873,6 +893,7 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logs.quiet_libraries()
+  cli.exit_on_bad_input(validate, _CONFIG.value)  # one line, no traceback
   try:
     print_metadata(run(_CONFIG.value, _DATA_DIR.value))
   except StageStopped as e:  # SIGTERM / SIGUSR1: the stage's last period checkpoint is kept
@@ -891,5 +912,4 @@ def define_flags() -> None:
 
 
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  cli.run(main, define_flags, "experiments/configs/collect.py")

@@ -51,12 +51,16 @@ class NonFiniteLossError(RuntimeError):
 
 # ---- configuration ----------------------------------------------------------------------------
 def validate(c) -> None:
-  """Raises ValueError naming the field, before any data is made or anything is compiled."""
-  wm = c.world_model
+  """Raises ValueError naming the field, before any data is made or anything is compiled (no
+  device, path or data check: launchers call it on another machine; `check_inputs` does those)."""
   checks = [
-    (wm.batch_size > 0, "world_model.batch_size", wm.batch_size, "must be > 0"),
-    (wm.context_len > 0, "world_model.context_len", wm.context_len, "(k) must be > 0"),
-    (wm.seq_len > 0, "world_model.seq_len", wm.seq_len, "(T) must be > 0"),
+    (c.seed >= 0, "seed", c.seed, "must be ≥ 0"),
+    (len(c.data.domains) > 0, "data.domains", tuple(c.data.domains), "needs at least one domain"),
+    (
+      len(set(c.data.domains)) == len(c.data.domains), "data.domains", tuple(c.data.domains),
+      "has a domain twice: list each once",
+    ),
+    (len(c.eval.horizons) > 0, "eval.horizons", tuple(c.eval.horizons), "needs a horizon"),
     (c.train.num_updates > 0, "train.num_updates", c.train.num_updates, "must be > 0"),
     (c.train.chunk > 0, "train.chunk", c.train.chunk, "must be > 0"),
     (c.train.max_to_keep > 0, "train.max_to_keep", c.train.max_to_keep, "must be > 0"),
@@ -67,7 +71,7 @@ def validate(c) -> None:
     (c.eval.burn_in >= 1, "eval.burn_in", c.eval.burn_in, "must be ≥ 1"),
     (c.eval.windows >= 1, "eval.windows", c.eval.windows, "must be ≥ 1"),
     (
-      c.train.checkpoint_every > 0 and c.train.checkpoint_every % c.train.chunk == 0,
+      c.train.checkpoint_every > 0 and c.train.checkpoint_every % max(c.train.chunk, 1) == 0,
       "train.checkpoint_every", c.train.checkpoint_every,
       f"must be a positive multiple of train.chunk={c.train.chunk}",
     ),
@@ -99,8 +103,33 @@ def validate(c) -> None:
       "config.data.online=True: the online data mode of PROTOCOL.md is not implemented yet; "
       "use the offline datasets (config.data.online=False)"
     )
-  wm_config.resolve(c.world_model)  # its own checks (mv_mode, ...)
+  wm_config.resolve(c.world_model)  # its own checks: every size ≥ 1, scales, mv_mode
   collect.validate(c.collect)
+
+
+def check_inputs(c, workdir: str) -> None:
+  """Everything `pretrain` can refuse before it writes, collects or compiles anything: the config
+  (`validate`), this machine's devices (after joining a multi-host run) and the data (missing
+  datasets must be ones `config.collect` makes).
+
+  Raises:
+    ValueError, FileNotFoundError: one line naming the field, the value and the fix.
+  """
+  validate(c)
+  sharding.initialize_distributed(c.train.distributed)
+  available = jax.device_count()
+  n_dev = c.train.num_devices or available
+  if n_dev > available:
+    raise ValueError(
+      f"config.train.num_devices={c.train.num_devices} but this machine has {available} "
+      f"{jax.default_backend()} device(s): set it to at most {available} (0 = all of them)"
+    )
+  if c.world_model.batch_size % n_dev:
+    raise ValueError(
+      f"config.world_model.batch_size={c.world_model.batch_size} is not divisible by the {n_dev} "
+      f"devices of the mesh; use a multiple of {n_dev} or set config.train.num_devices"
+    )
+  check_data(c, workdir)
 
 
 # ---- data -------------------------------------------------------------------------------------
@@ -108,8 +137,13 @@ def data_dir(c, workdir: str) -> str:
   return c.data.dir or os.path.join(workdir, "data")
 
 
-def ensure_datasets(c, workdir: str) -> list[dataset_lib.Dataset]:
-  """Opens the configured datasets, running the collection stages first if any is missing."""
+def check_data(c, workdir: str) -> list[str] | None:
+  """The configured datasets' paths if they are all there; None if the collection stages must
+  make them first.
+
+  Raises:
+    ValueError, FileNotFoundError: missing data that `config.collect` would not make here.
+  """
   root = data_dir(c, workdir)
   paths = [collect.dataset_path(root, c.data.distribution, d, c.data.kind) for d in c.data.domains]
   if not all(collect.dataset_complete(p) for p in paths):
@@ -128,9 +162,17 @@ def ensure_datasets(c, workdir: str) -> list[dataset_lib.Dataset]:
         f"datasets missing under {root}: in a multi-host run, make them first on one host with "
         "`python -m experiments.collect --data_dir=...` and pass --config.data.dir=..."
       )
+    return None
+  return paths
+
+
+def ensure_datasets(c, workdir: str) -> list[dataset_lib.Dataset]:
+  """Opens the configured datasets, running the collection stages first if any is missing."""
+  root = data_dir(c, workdir)
+  if check_data(c, workdir) is None:
     print(f"datasets missing under {root}: running the collection stages first")
     collect.run(c.collect, root, domains=tuple(c.data.domains))
-  return [dataset_lib.Dataset.open(p) for p in paths]
+  return [dataset_lib.Dataset.open(p) for p in check_data(c, workdir)]
 
 
 # ---- training ---------------------------------------------------------------------------------
@@ -172,18 +214,11 @@ def pretrain(c, workdir: str, *, stop_after: int | None = None, verbose: bool = 
       (tests use it to emulate a kill on a chunk boundary).
     verbose: progress bar and printed summary.
   """
-  validate(c)
-  sharding.initialize_distributed(c.train.distributed)
+  check_inputs(c, workdir)  # bad input fails here, before anything is written
   os.makedirs(workdir, exist_ok=True)
   datasets = ensure_datasets(c, workdir)
   wm = c.world_model
   mesh = sharding.make_mesh(c.train.num_devices or None)
-  n_dev = mesh.shape[sharding.DATA_AXIS]
-  if wm.batch_size % n_dev:
-    raise ValueError(
-      f"config.world_model.batch_size={wm.batch_size} is not divisible by the {n_dev} devices "
-      f"of the mesh; use a multiple of {n_dev} or set config.train.num_devices"
-    )
   window = wm.context_len + wm.seq_len
   sampler = sampler_lib.WindowSampler(
     datasets, window=window, context_len=wm.context_len, batch_size=wm.batch_size,
@@ -321,8 +356,10 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logs.quiet_libraries()
+  c, workdir = RUN_FLAGS.config.value, RUN_FLAGS.workdir.value
+  cli.exit_on_bad_input(check_inputs, c, workdir)  # one line, no traceback
   try:
-    pretrain(RUN_FLAGS.config.value, RUN_FLAGS.workdir.value)
+    pretrain(c, workdir)
   except collect.StageStopped as e:  # stopped while collecting its data: rerun to resume
     print(e)
 
@@ -337,5 +374,4 @@ define_flags = RUN_FLAGS.define  # launchers: define_flags(flag_values, sys_argv
 
 
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  cli.run(main, define_flags, "experiments/configs/meta.py")

@@ -231,13 +231,14 @@ def collect_args(root: str, preset: str = "default") -> list[str]:
 def check_args(entry: str, args: list[str]):
   """Parses `args` with the entry point's own flags and validates the config, as the job would
   (config paths are relative to the repository root). Returns (config, workdir); raises the
-  entry point's error (an unknown field, a bad value) otherwise."""
+  entry point's error otherwise (`cli.BadInput` for an unknown field or an unparsable value, one
+  line with the closest field; ValueError from `validate`)."""
   from absl import flags
 
+  from experiments import cli
+
   module = importlib.import_module(f"experiments.{entry}")
-  flag_values = flags.FlagValues()
   argv = [f"experiments.{entry}", *args]
-  config, workdir = module.define_flags(flag_values, argv)
-  flag_values(argv)
+  (config, workdir), _ = cli.parse(module.define_flags, flags.FlagValues(), argv, CONFIGS[entry])
   module.validate(config.value)
   return config.value, workdir.value

@@ -122,10 +122,45 @@ class Spec:
     return self.stoch + self.deter + self.aux
 
 
+_SIZES = ("embed", "context_len", "num_heads", "num_layers", "ff_mult", "stoch", "aux", "hidden",
+          "mlp_layers", "batch_size", "seq_len", "scan_unroll")  # fmt: skip
+
+
+def _check_ranges(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first field out of range, its value and the allowed range."""
+  sizes = (*_SIZES, *(() if config.no_deterministic else ("deter",)))
+  checks = [(n, config[n], "an integer ≥ 1", type(config[n]) is int and config[n] >= 1)
+            for n in sizes]  # fmt: skip
+  for n in ("free_bits", "lambda_ms", "lambda_mv", "lambda_v"):
+    checks.append((n, config[n], "≥ 0", config[n] >= 0))  # also refuses NaN
+  tau, gamma = config.target_tau, config.discount
+  checks += [("min_std", config.min_std, "> 0", config.min_std > 0),
+             ("discount", gamma, "in [0, 1)", 0 <= gamma < 1),
+             ("target_tau", tau, "in (0, 1]", 0 < tau <= 1)]  # fmt: skip
+  for opt in ("model_opt", "value_opt"):
+    o = config[opt]
+    checks += [(f"{opt}.lr", o.lr, "> 0", o.lr > 0),
+               (f"{opt}.weight_decay", o.weight_decay, "≥ 0", o.weight_decay >= 0),
+               (f"{opt}.clip_norm", o.clip_norm, "> 0", o.clip_norm > 0)]  # fmt: skip
+  for name, value, what, ok in checks:
+    if not ok:
+      default = get_config()[name.split(".")[0]]
+      default = default[name.split(".")[1]] if "." in name else default
+      raise ValueError(
+        f"config.world_model.{name}={value!r} must be {what} (the paper's value is {default})"
+      )
+
+
 def resolve(config: ml_collections.ConfigDict) -> Spec:
-  """Derives the networks' sizes and the effective loss scales from a config."""
+  """Derives the networks' sizes and the effective loss scales from a config.
+
+  Raises:
+    ValueError: a field out of range (a size < 1, a negative scale, ...); the message names the
+      field and its value.
+  """
   if config.mv_mode not in ("match", "bellman"):
     raise ValueError(f"mv_mode must be 'match' or 'bellman', got {config.mv_mode!r}")
+  _check_ranges(config)
   meta_value = not config.no_meta_value
   meta_state = not config.no_meta_state
   return Spec(

@@ -1,0 +1,200 @@
+"""Bad input fails before anything runs: every entry point (`collect`, `pretrain`, `adapt`) refuses
+a bad field, value, device count, path or checkpoint with one message naming the field and the
+value, before it writes, collects or compiles anything; on the command line that message is one
+line, not a traceback (also for a field that does not exist, with the closest one suggested)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from experiments import adapt, collect, pretrain
+from experiments.configs import collect as collect_presets
+from mrcom_jax.training import checkpoint, logs
+from tests.experiments.conftest import _override, adapt_config, pipeline_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEVICES = jax.device_count()
+
+
+def _listing(root: str) -> list[str]:
+  return sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs) if root else []
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> str:
+  """A pretraining run as adaptation reads it before restoring anything: the smoke world model's
+  config.json (`tiny()`, as `pipeline_config`), the data's metadata (provisional v_max, one list
+  scenario per domain) and a checkpoint directory at the final update."""
+  workdir = str(tmp_path_factory.mktemp("pretrained"))
+  c = pipeline_config()
+  logs.write_json(os.path.join(workdir, "config.json"), c.to_dict())
+  meta = os.path.join(workdir, "data", "metadata")
+  os.makedirs(meta)
+  logs.write_json(
+    os.path.join(meta, "v_max.json"),
+    {d: {"value": v, "source": "provisional (labelled)"} for d, v in
+     collect_presets.get_config("smoke").v_max.provisional.items()},
+  )  # fmt: skip
+  scenario = {"alpha_len": 1.0, "alpha_size": 1.0, "beta": 0.6}
+  logs.write_json(
+    os.path.join(meta, "eval_lists.json"),
+    {d: {"a": [{"domain": d, **scenario}]} for d in collect.DOMAINS},
+  )
+  os.makedirs(os.path.join(workdir, "checkpoints", str(c.train.num_updates)))
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def no_checkpoint(pretrained, tmp_path_factory) -> str:
+  """The same run before its first checkpoint (config.json and metadata only)."""
+  workdir = str(tmp_path_factory.mktemp("no_checkpoint"))
+  for name in ("config.json", "data"):
+    os.symlink(os.path.join(pretrained, name), os.path.join(workdir, name))
+  return workdir
+
+
+COLLECT = [
+  ({"behaviour.num_envs": 0}, "config.collect.behaviour.num_envs=0"),
+  ({"specialist.env_steps": -5}, "config.collect.specialist.env_steps=-5"),
+  ({"chunk": 10}, "config.collect.chunk=10 must divide"),
+  ({"episode_length": 0}, "config.collect.episode_length=0"),
+  ({"distributions": ("narrow", "medium")}, "config.collect.distributions has 'medium'"),
+  ({"datasets.kinds": ("mix", "best")}, "config.collect.datasets.kinds has 'best'"),
+  ({"domains": ("ant",)}, "config.collect.domains has unknown domain 'ant'"),
+  ({"mass_rule": "heavy"}, "config.collect.mass_rule='heavy'"),
+  ({"evaluation.settings": ("e",)}, "config.collect.evaluation.settings has 'e'"),
+  ({"gate.threshold": 1.5}, "config.collect.gate.threshold=1.5"),
+  ({"behaviour.sac.lr": 0.0}, "config.collect.behaviour.sac.lr=0.0"),
+]
+PRETRAIN = [
+  ({"world_model.deter": -3}, "config.world_model.deter=-3 must be an integer ≥ 1"),
+  ({"world_model.embed": 0}, "config.world_model.embed=0"),
+  ({"world_model.stoch": 0}, "config.world_model.stoch=0"),
+  ({"world_model.context_len": 0}, "config.world_model.context_len=0"),
+  ({"world_model.model_opt.lr": 0.0}, "config.world_model.model_opt.lr=0.0 must be > 0"),
+  ({"world_model.discount": 1.0}, "config.world_model.discount=1.0 must be in [0, 1)"),
+  ({"world_model.free_bits": -1.0}, "config.world_model.free_bits=-1.0"),
+  ({"train.num_devices": DEVICES + 2}, f"num_devices={DEVICES + 2} but this machine has {DEVICES}"),
+  ({"train.num_devices": -1}, "config.train.num_devices=-1"),
+  ({"train.num_updates": 0}, "config.train.num_updates=0"),
+  ({"train.chunk": 0}, "config.train.chunk=0"),
+  ({"train.checkpoint_every": 75}, "config.train.checkpoint_every=75 must be a positive multiple"),
+  ({"seed": -1}, "config.seed=-1"),
+  ({"data.obs_fn": "blur"}, "config.data.obs_fn='blur'"),
+  ({"data.kind": "best"}, "config.data.kind='best'"),
+  ({"data.distribution": "medium"}, "config.data.distribution='medium'"),
+  ({"data.domains": ("hopper", "hopper")}, "config.data.domains=('hopper', 'hopper') has a"),
+  ({"data.distribution": "narrow_beta0.8"}, "config.data.distribution='narrow_beta0.8' has no"),
+  ({"data.kind": "expert"}, "config.data.kind='expert' has no data"),
+  ({"collect.behaviour.num_envs": 0}, "config.collect.behaviour.num_envs=0"),
+]
+ADAPT = [
+  ({"pretrain.workdir": "/nonexistent/run"}, "no pretraining run at /nonexistent/run"),
+  ({"pretrain.workdir": "NO_CHECKPOINT"}, "has no checkpoint in"),
+  ({"world_model.deter": 48}, "config.world_model.deter: checkpoint 32, this run 48"),
+  ({"world_model.no_context": True}, "config.world_model.no_context: checkpoint False, this run"),
+  ({"world_model.deter": -3}, "config.world_model.deter=-3"),
+  ({"target.domain": "", "target.setting": "e"}, "config.target.setting='e'"),
+  ({"target.obs_fn": "blur"}, "config.target.obs_fn='blur'"),
+  ({"target.beta": 1.5}, "config.target.beta=1.5 must be in (0, 1]"),
+  ({"target.alpha_len": 0.0}, "config.target.alpha_len=0.0"),
+  ({"target.domain": "ant"}, "target domain 'ant' is unknown"),
+  ({"seeds": ()}, "config.seeds=()"),
+  ({"seeds": (0, 0)}, "config.seeds=(0, 0) has a seed twice"),
+  ({"adapt.real_steps": 0}, "config.adapt.real_steps=0"),
+  ({"adapt.real_ratio": 1.5}, "config.adapt.real_ratio=1.5"),
+  ({"adapt.rollout.horizon": 0}, "config.adapt.rollout.horizon=0"),
+  ({"adapt.sac.discount": 1.0}, "config.adapt.sac.discount=1.0"),
+  ({"adapt.sac.hidden": 0}, "config.adapt.sac.hidden=0"),
+  ({"eval.every": 300}, "config.eval.every=300 must be a positive multiple of run.chunk=250"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", COLLECT)
+def test_collect_refuses(overrides, message, tmp_path):
+  cc = collect_presets.get_config("smoke")
+  cc.unlock()
+  cc = _override(cc, overrides)
+  root = str(tmp_path / "data")
+  with pytest.raises(ValueError) as e:
+    collect.run(cc, root)
+  assert message in str(e.value)
+  assert not os.path.exists(root)
+
+
+@pytest.mark.parametrize("overrides, message", PRETRAIN)
+def test_pretrain_refuses(overrides, message, tmp_path):
+  workdir, data = str(tmp_path / "run"), str(tmp_path / "data")
+  c = pipeline_config(**{"data.dir": data, **overrides})
+  with pytest.raises(ValueError) as e:
+    pretrain.pretrain(c, workdir, verbose=False)
+  assert message in str(e.value)
+  assert not os.path.exists(workdir) and not os.path.exists(data)
+
+
+@pytest.mark.parametrize("overrides, message", ADAPT)
+def test_adapt_refuses(overrides, message, pretrained, no_checkpoint, tmp_path):
+  if overrides.get("pretrain.workdir") == "NO_CHECKPOINT":
+    overrides = {**overrides, "pretrain.workdir": no_checkpoint}
+  before = _listing(pretrained)
+  c = adapt_config(pretrained, **overrides)
+  workdir = str(tmp_path / "adapt")
+  with pytest.raises((ValueError, FileNotFoundError)) as e:
+    adapt.adapt(c, workdir, verbose=False)
+  assert message in str(e.value)
+  assert "\n" not in str(e.value)  # one line
+  assert not os.path.exists(workdir) and _listing(pretrained) == before
+  if ": checkpoint " in message:  # another world model: refused from config.json, no restore
+    assert isinstance(e.value, checkpoint.CheckpointMismatchError)
+
+
+def test_the_fixtures_are_good_input(pretrained, tmp_path):
+  """Each refusal above is for its one bad field: the same configs without it pass the checks."""
+  collect.validate(collect_presets.get_config("smoke"))
+  c = pipeline_config(**{"data.dir": str(tmp_path / "data")})
+  pretrain.check_inputs(c, str(tmp_path / "run"))
+  adapt.check_inputs(adapt_config(pretrained))
+  adapt.check_inputs(adapt_config(pretrained, **{"target.domain": "", "target.setting": "a"}))
+  # the plain-SAC control loads no world model: another model's run is fine for it
+  adapt.check_inputs(
+    adapt_config(pretrained, **{"world_model.deter": 48, "adapt.model_rollouts": False})
+  )
+  assert not os.listdir(tmp_path)
+
+
+def _run(*args, cwd):
+  env = dict(os.environ, PYTHONUNBUFFERED="1")
+  return subprocess.run(
+    [sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+  )
+
+
+@pytest.mark.parametrize(
+  "args, message",
+  [
+    (
+      ["--config.world_model.deterr=3"],
+      "error: --config.world_model.deterr: config.world_model has no field 'deterr'; did you "
+      "mean --config.world_model.deter?",
+    ),
+    (
+      ["--config.train.num_devices=1000"],  # checked after joining a multi-host run, if any
+      f"error: config.train.num_devices=1000 but this machine has {DEVICES} "
+      f"{jax.default_backend()} device(s): set it to at most {DEVICES} (0 = all of them)",
+    ),
+  ],
+)
+def test_the_command_line_says_one_line_without_a_traceback(args, message, tmp_path):
+  workdir = tmp_path / "run"
+  out = _run(
+    "experiments.pretrain", "--config=experiments/configs/meta.py:smoke", *args,
+    f"--workdir={workdir}", cwd=REPO,
+  )  # fmt: skip
+  assert out.returncode == 1, out.stderr[-2000:]
+  assert out.stderr.strip().splitlines()[-1] == message, out.stderr[-2000:]
+  assert "Traceback" not in out.stderr and not workdir.exists()
