@@ -28,10 +28,12 @@ on every verdict, so all of them fall back together.
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import logging
 import os
 import shutil
+import sys
 from typing import Any
 
 import jax
@@ -124,19 +126,39 @@ class _ToDebug(logging.Filter):
     return False
 
 
+def _unraisable_to_debug(u) -> None:
+  exc_info = (u.exc_type, u.exc_value, u.exc_traceback) if u.exc_value is not None else None
+  log.debug("%s %r", u.err_msg or "Exception ignored in", u.object, exc_info=exc_info)
+
+
+class _Attempt:
+  failed = False
+
+
 @contextlib.contextmanager
 def _quiet_libraries():
-  """While a step is tried: the pages that orbax and TensorStore log about a bad file go to the
-  DEBUG log; the one line that `restore_latest` writes says what happened."""
+  """While a step is tried: the pages that orbax and TensorStore write about a bad file go to
+  the DEBUG log; the one line that `restore_latest` writes says what happened.
+
+  Besides their log records, a failed read leaves the reads of the other leaves abandoned as
+  coroutines whose exceptions Python prints, with their tracebacks and TensorStore specs, when
+  they are garbage collected; they are collected here, under a hook that logs them at DEBUG.
+  """
   loggers = [logging.getLogger(name) for name in ("absl", "orbax", "asyncio")]
-  quiet = _ToDebug()
+  quiet, hook, attempt = _ToDebug(), sys.unraisablehook, _Attempt()
   for lg in loggers:
     lg.addFilter(quiet)
+  sys.unraisablehook = _unraisable_to_debug
   try:
-    yield
+    yield attempt
   finally:
-    for lg in loggers:
-      lg.removeFilter(quiet)
+    try:
+      if attempt.failed:
+        gc.collect()
+    finally:
+      sys.unraisablehook = hook
+      for lg in loggers:
+        lg.removeFilter(quiet)
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -248,13 +270,13 @@ class Checkpointer:
     steps = [s for s in self.steps() if max_step is None or s <= max_step]
     for step in reversed(steps):
       meta, problem = None, None
-      try:
-        with _quiet_libraries():
+      with _quiet_libraries() as attempt:
+        try:
           meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        meta = meta["meta"]
-      except Exception as e:
-        log.debug("reading the meta of checkpoint step %d failed", step, exc_info=True)
-        problem = f"its meta is unreadable: {_short(e)}"
+          meta = meta["meta"]
+        except Exception as e:
+          log.debug("reading the meta of checkpoint step %d failed", step, exc_info=True)
+          problem, attempt.failed = f"its meta is unreadable: {_short(e)}", True
       problem = _agree(problem, "meta")
       if problem is None:
         saved = meta.get("fingerprint")
@@ -264,15 +286,15 @@ class Checkpointer:
             + describe_mismatch(saved or {}, current, meta.get("config"), config)
             + "\nUse a fresh --workdir, or rerun with the checkpoint's config."
           )
-        try:
-          with _quiet_libraries():
+        with _quiet_libraries() as attempt:
+          try:
             state = self._manager.restore(
               step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
             )["state"]
-          problem = _verify(state, meta.get("digests"), names)
-        except Exception as e:
-          log.debug("restoring checkpoint step %d failed", step, exc_info=True)
-          problem = _short(e)
+            problem = _verify(state, meta.get("digests"), names)
+          except Exception as e:
+            log.debug("restoring checkpoint step %d failed", step, exc_info=True)
+            problem, attempt.failed = _short(e), True
         problem = _agree(problem, "state")
       if problem is None:
         return step, _unpack(state, target), meta

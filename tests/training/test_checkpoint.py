@@ -3,9 +3,13 @@ non-finite), and a mismatch that names the field."""
 
 from __future__ import annotations
 
+import gc
 import glob
+import json
 import logging
 import os
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +17,7 @@ import numpy as np
 import pytest
 
 from mrcom_jax.training import checkpoint
+from tests import distributed
 
 
 def _state(width: int = 4, offset: float = 0.0):
@@ -30,9 +35,10 @@ def _random_state(seed: int):
 
 
 def largest_array_file(step_dir: str) -> str:
-  """The largest file under a checkpoint step's `state` item (the array data)."""
-  paths = glob.glob(os.path.join(step_dir, "state", "**", "*"), recursive=True)
-  return max((p for p in paths if os.path.isfile(p)), key=os.path.getsize)
+  """The largest data file that a one-process run's orbax wrote for a step's `state` item
+  (chunks of array values, stored without a checksum)."""
+  paths = glob.glob(os.path.join(step_dir, "state", "ocdbt.process_*", "d", "*"))
+  return max(paths, key=os.path.getsize)
 
 
 def flip_bytes(path: str, n: int = 64) -> None:
@@ -45,9 +51,12 @@ def flip_bytes(path: str, n: int = 64) -> None:
     f.write(data)
 
 
-def _restore_two(tmp_path, second_state, caplog, corrupt=None):
+def _restore_two(tmp_path, second_state, caplog, monkeypatch, corrupt=None):
   """Saves steps 1 (finite) and 2 (`second_state`), corrupts step 2, restores: (step, state,
-  the WARNING+ log lines of the restore)."""
+  the WARNING+ log lines and the exceptions Python would print as unraisable, e.g. abandoned
+  reads collected later)."""
+  unraisable = []
+  monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
   with checkpoint.Checkpointer(str(tmp_path), max_to_keep=3) as ck:
     ck.save(1, _random_state(1), {"data_position": 1})
     ck.save(2, second_state, {"data_position": 2})
@@ -57,19 +66,19 @@ def _restore_two(tmp_path, second_state, caplog, corrupt=None):
     caplog.clear()
     with caplog.at_level(logging.WARNING):
       step, state, meta = ck.restore_latest(_random_state(0))
-    lines = [
-      ln
-      for r in caplog.records
-      if r.levelno >= logging.WARNING
-      for ln in r.getMessage().splitlines()
-    ]
+      gc.collect()
+    records = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    lines = [ln for r in records for ln in r.getMessage().splitlines()]
+    lines += [f"unraisable: {u.exc_value!r}"[:200] for u in unraisable]
     assert ck.steps() == [1] and os.path.isdir(os.path.join(tmp_path, "corrupted_2"))
   assert meta["data_position"] == step
   return step, state, lines
 
 
-def test_flipped_bytes_fail_the_digest_and_fall_back(tmp_path, caplog, capfd):
-  step, state, lines = _restore_two(tmp_path, _random_state(2), caplog, corrupt=flip_bytes)
+def test_flipped_bytes_fail_the_digest_and_fall_back(tmp_path, caplog, capfd, monkeypatch):
+  step, state, lines = _restore_two(
+    tmp_path, _random_state(2), caplog, monkeypatch, corrupt=flip_bytes
+  )
   assert step == 1
   np.testing.assert_array_equal(state["w"], _random_state(1)["w"])
   assert len(lines) == 1, lines
@@ -78,20 +87,23 @@ def test_flipped_bytes_fail_the_digest_and_fall_back(tmp_path, caplog, capfd):
   assert len(capfd.readouterr().err.splitlines()) <= 1
 
 
-def test_non_finite_restored_state_falls_back(tmp_path, caplog):
+def test_non_finite_restored_state_falls_back(tmp_path, caplog, monkeypatch):
   bad = _random_state(2)
   bad["b"] = bad["b"].at[1].set(jnp.nan)  # saved as is: its digest matches
-  step, state, lines = _restore_two(tmp_path, bad, caplog)
+  step, state, lines = _restore_two(tmp_path, bad, caplog, monkeypatch)
   assert step == 1 and np.isfinite(np.asarray(state["b"])).all()
   assert len(lines) == 1 and "not finite" in lines[0] and "['b']" in lines[0], lines
 
 
-def test_truncated_file_warns_in_one_line_without_tracebacks(tmp_path, caplog, capfd):
+def test_truncated_file_warns_in_one_line_without_tracebacks(tmp_path, caplog, capfd, monkeypatch):
+  """The one warning line, and none of the pages that the failed read leaves behind: orbax's
+  abandoned reads of the other leaves, printed with their tracebacks when collected."""
+
   def truncate(path):
     with open(path, "r+b") as f:
       f.truncate(os.path.getsize(path) // 2)
 
-  step, _, lines = _restore_two(tmp_path, _random_state(2), caplog, corrupt=truncate)
+  step, _, lines = _restore_two(tmp_path, _random_state(2), caplog, monkeypatch, corrupt=truncate)
   assert step == 1
   assert len(lines) == 1 and "checkpoint step 2 is corrupted" in lines[0], lines
   assert len(lines[0]) < 400, lines[0]
@@ -163,3 +175,37 @@ def test_mismatched_size_names_leaf_and_config_field(tmp_path):
   assert "['params']['dense']['kernel']: checkpoint (4, 2) float32, this run (8, 2) float32" in msg
   assert "config.world_model.deter: checkpoint 32, this run 256" in msg
   assert "fresh --workdir" in msg
+
+
+_TWO_PROCESSES = textwrap.dedent(
+  """
+  import json, sys
+  from mrcom_jax.training import sharding
+  assert sharding.initialize_distributed("auto")
+  import jax, jax.numpy as jnp
+  from mrcom_jax.training import checkpoint
+  mesh = sharding.make_mesh()
+  state = lambda s, b=1.0: sharding.replicate(
+    {"w": jax.random.normal(jax.random.PRNGKey(s), (64, 16)), "b": jnp.full((3,), b)}, mesh)
+  with checkpoint.Checkpointer(sys.argv[1]) as ck:
+    ck.save(1, state(1), {}); ck.save(2, state(2, jnp.inf), {}); ck.wait()
+    step, got, _ = ck.restore_latest(state(0))
+    same = bool((sharding.to_host(got["w"]) == jax.device_get(state(1)["w"])).all())
+    print("RESULT " + json.dumps(dict(step=step, same=same, steps=ck.steps())))
+  """
+)
+
+
+def test_two_processes_fall_back_together(tmp_path):
+  """2 JAX processes × 2 CPU devices, a replicated state whose step 2 holds an Inf: both
+  processes reject it, agree, set it aside once (process 0 moves it) and restore step 1."""
+  results = distributed.run_processes(
+    ["-c", _TWO_PROCESSES, str(tmp_path)], processes=2, devices=2, timeout=240
+  )
+  for r in results:
+    assert r.returncode == 0, r.tail()
+    line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert line, r.tail()
+    assert json.loads(line[-1].removeprefix("RESULT ")) == {"step": 1, "same": True, "steps": [1]}
+    assert "checkpoint step 2 is corrupted (leaf ['b'] is not finite)" in r.stderr, r.tail()
+  assert os.path.isdir(tmp_path / "corrupted_2") and not os.path.exists(tmp_path / "2")
