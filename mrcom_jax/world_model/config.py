@@ -49,6 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.discount = 0.99  # γ of the scenario value
   c.target_tau = 0.005  # Polyak rate of the target value network V̄
   c.mv_mode = "match"  # Eq. 15: "match" (V_meta(ŝ) vs sg V_meta(s̃)) or "bellman" residual
+  c.mv_normalize = True  # Eq. 15: L_mv / (batch variance of its target sg V_meta + 1e-6)
   c.batch_size = 32  # B windows per update
   c.seq_len = 64  # T training steps per window (plus k context steps before them)
   c.scan_unroll = 1  # lax.scan unroll of the posterior filter (FLOP counting unrolls fully)
@@ -107,6 +108,7 @@ class Spec:
   discount: float
   target_tau: float
   mv_mode: str
+  mv_normalize: bool
   scan_unroll: int
   use_context: bool
   use_meta_state: bool
@@ -182,6 +184,7 @@ def resolve(config: ml_collections.ConfigDict) -> Spec:
     discount=config.discount,
     target_tau=config.target_tau,
     mv_mode=config.mv_mode,
+    mv_normalize=bool(config.mv_normalize),
     scan_unroll=config.scan_unroll,
     use_context=not config.no_context,
     use_meta_state=meta_state,

@@ -9,7 +9,10 @@ exactly its terms:
 - λ_V (L_V + L_TD) (Eq. 13-14) trains V_meta and V only: their inputs and targets are stopped.
 
 Reduction (METHOD.md [choice]): sum over feature dimensions, then mean over the valid steps of
-the batch (pairs (t, t+1) for L_TD and L_mv). Free bits apply to each step's summed KL.
+the batch (pairs (t, t+1) for L_TD and L_mv). Free bits apply to each step's summed KL; the
+metrics hold each KL before (`kl_z_raw`, `kl_u_raw`) and after (`kl_z`, `kl_u`) its floor, and
+L_ms (`meta_state`) has none. With `mv_normalize` L_mv is divided by the batch variance of its
+target sg V_meta (Eq. 15 [choice]); `meta_value_align_raw` and `mv_target_var` log its parts.
 """
 
 from __future__ import annotations
@@ -61,9 +64,37 @@ def td_target(reward: jax.Array, next_value: jax.Array, discount: float) -> jax.
   return (1.0 - discount) * reward + discount * next_value
 
 
+WM_TERMS = ("kl_z", "kl_u", "recon", "reward")  # Eq. 10's terms
+MV_VAR_EPS = 1e-6  # added to the batch variance that divides L_mv (Eq. 15 [choice])
+
+
 def world_model_loss(terms: dict[str, jax.Array]) -> jax.Array:
   """Eq. 10: L_wm = KL_z + KL_u + (−ln p(o | s̃)) + (−ln p(r | s̃)), each a batch mean."""
   return terms["kl_z"] + terms["kl_u"] + terms["recon"] + terms["reward"]
+
+
+def weighted_terms(terms: dict[str, jax.Array], spec) -> dict[str, jax.Array]:
+  """Eq. 16's summands, each with its scale: their sum is the total loss.
+
+  Returns {kl_z, kl_u, recon, reward} (Eq. 10), then `meta_state` (λ_ms L_ms),
+  `meta_value_align` (λ_mv L_mv) and `values` (λ_V (L_V + L_TD)) where `terms` has them.
+  All but `values` reach the world model; `values` reaches only the value networks.
+  """
+  out = {name: terms[name] for name in WM_TERMS}
+  if "meta_state" in terms:
+    out["meta_state"] = spec.lambda_ms * terms["meta_state"]
+  if "meta_value_align" in terms:
+    out["meta_value_align"] = spec.lambda_mv * terms["meta_value_align"]
+  if "meta_value" in terms or "td" in terms:
+    zero = jnp.zeros(())
+    out["values"] = spec.lambda_v * (terms.get("meta_value", zero) + terms.get("td", zero))
+  return out
+
+
+def term_names(spec) -> tuple[str, ...]:
+  """The keys of `weighted_terms` for a resolved spec, in order."""
+  names = WM_TERMS + (("meta_state",) if spec.use_meta_state else ())
+  return names + (("meta_value_align", "values") if spec.use_meta_value else ())
 
 
 def total_loss(terms: dict[str, jax.Array], spec) -> jax.Array:
@@ -74,13 +105,7 @@ def total_loss(terms: dict[str, jax.Array], spec) -> jax.Array:
       meta_value_align, meta_value, td.
     spec: anything with lambda_ms, lambda_mv, lambda_v (a resolved `config.Spec`).
   """
-  zero = jnp.zeros(())
-  return (
-    world_model_loss(terms)
-    + spec.lambda_ms * terms.get("meta_state", zero)
-    + spec.lambda_mv * terms.get("meta_value_align", zero)
-    + spec.lambda_v * (terms.get("meta_value", zero) + terms.get("td", zero))
-  )
+  return sum(weighted_terms(terms, spec).values())
 
 
 def pair_mask(first: jax.Array, valid: jax.Array) -> jax.Array:
@@ -116,7 +141,8 @@ def make_loss(world_model: model_lib.WorldModel, axis_name: str | None = None):
 
   With `axis_name` (inside `shard_map` over rows of the batch) every mean divides this shard's
   sum by the whole batch's count (a `psum` of the masks): the total and every metric are this
-  shard's share, and their `psum` over the axis is the whole batch's value.
+  shard's share, and their `psum` over the axis is the whole batch's value. The variance that
+  divides L_mv is the whole batch's on every shard.
   """
   spec = world_model.spec
 
@@ -126,6 +152,15 @@ def make_loss(world_model: model_lib.WorldModel, axis_name: str | None = None):
     mask = mask.astype(bool)
     count = jax.lax.psum(jnp.sum(mask), axis_name)
     return jnp.sum(jnp.where(mask, x, 0.0)) / jnp.maximum(count, 1)
+
+  def batch_mean(x, mask):
+    """The whole batch's masked mean, on every shard."""
+    m = mean(x, mask)
+    return m if axis_name is None else jax.lax.psum(m, axis_name)
+
+  def share(x):
+    """A whole-batch metric as this shard's share (so that the psum of shares is x)."""
+    return x if axis_name is None else x / jax.lax.psum(1, axis_name)
 
   k = spec.context_len
   value_net, meta_net = make_values(spec)
@@ -144,17 +179,21 @@ def make_loss(world_model: model_lib.WorldModel, axis_name: str | None = None):
       variables, state, win.obs, batch.action[:, k - 1 : -1], win.reward, win.first, win.valid, key
     )
     valid = win.valid
+    pairs = pair_mask(win.first, valid)
     reward = jnp.where(valid, win.reward, 0.0)
+    kl_z = gaussian.kl_divergence(out.posterior_z, out.prior_z)  # KL(q ‖ p), before free bits
+    kl_u = gaussian.kl_divergence(out.posterior_u, out.prior_u)
     per_step = {
       # Eq. 10
-      "kl_z": free_bits(gaussian.kl_divergence(out.posterior_z, out.prior_z), spec.free_bits),
-      "kl_u": free_bits(gaussian.kl_divergence(out.posterior_u, out.prior_u), spec.free_bits),
+      "kl_z": free_bits(kl_z, spec.free_bits),
+      "kl_u": free_bits(kl_u, spec.free_bits),
       "recon": gaussian_nll(out.obs_pred, out.obs_target, batch.obs_mask[:, None]),
       "reward": gaussian_nll(out.reward_pred[..., None], reward[..., None]),
     }
     if spec.use_meta_state:  # Eq. 12: KL(q(z|e(o), c, h, g(a)) ‖ r_ψ(z|c, h, g(a))), no free bits
       per_step["meta_state"] = gaussian.kl_divergence(out.posterior_z, out.meta_state)
     per_pair = {}
+    extra = {"kl_z_raw": mean(kl_z, valid), "kl_u_raw": mean(kl_u, valid)}
     if spec.use_meta_value:
       xi = jnp.broadcast_to(batch.xi[:, None], (b, t, spec.xi_dim))
       feat = sg(out.feat)
@@ -174,16 +213,20 @@ def make_loss(world_model: model_lib.WorldModel, axis_name: str | None = None):
       frozen = {"params": sg(values["v_meta"])}
       v_hat = meta_net.apply(frozen, z_hat, h_hat)
       if spec.mv_mode == "match":  # (V_meta(ŝ_{t+1}) − sg V_meta(s̃_{t+1}))²
-        per_pair["meta_value_align"] = jnp.square(v_hat - sg(v_meta[:, 1:]))
+        mv_target = sg(v_meta[:, 1:])
+        align = jnp.square(v_hat - mv_target)
       else:  # Bellman residual: ((1 − γ) r_t + γ V_meta(ŝ_{t+1}) − sg V_meta(s̃_t))²
-        per_pair["meta_value_align"] = jnp.square(
-          td_target(reward[:, :-1], v_hat, gamma) - sg(v_meta[:, :-1])
-        )
-    pairs = pair_mask(win.first, valid)
+        mv_target = sg(v_meta[:, :-1])
+        align = jnp.square(td_target(reward[:, :-1], v_hat, gamma) - mv_target)
+      # The whole batch's variance of the target over its valid pairs (Eq. 15 [choice]).
+      mv_var = batch_mean(jnp.square(mv_target - batch_mean(mv_target, pairs)), pairs)
+      extra["meta_value_align_raw"] = mean(align, pairs)
+      extra["mv_target_var"] = share(mv_var)
+      per_pair["meta_value_align"] = align / (mv_var + MV_VAR_EPS) if spec.mv_normalize else align
     terms = {name: mean(x, valid) for name, x in per_step.items()}
     terms.update({name: mean(x, pairs) for name, x in per_pair.items()})
     total = total_loss(terms, spec)
-    metrics = dict(terms, total=total, wm=world_model_loss(terms))
+    metrics = dict(terms, **extra, total=total, wm=world_model_loss(terms))
     for d, name in enumerate(specs.DOMAIN_NAMES):
       in_domain = (batch.domain == d)[:, None]
       for term, x in per_step.items():

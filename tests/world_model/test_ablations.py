@@ -21,8 +21,11 @@ REMOVED_TERMS = {
   "no_deterministic": set(),
   "no_context": set(),
   "no_meta_state": {"meta_state"},
-  "no_meta_value": {"meta_value", "meta_value_align", "td", "value_mean", "grad_norm_values"},
-}
+  "no_meta_value": {
+    "meta_value", "meta_value_align", "td", "value_mean", "grad_norm_values",
+    "meta_value_align_raw", "mv_target_var",
+  },
+}  # fmt: skip
 FULL_PARAMS = {
   "obs_encoder", "action_embed", "decoder", "token_map", "context_encoder", "prior_z",
   "posterior_z", "gru", "prior_u", "posterior_u", "reward_head", "r_psi",

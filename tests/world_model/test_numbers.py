@@ -12,6 +12,8 @@ import pytest
 from mrcom_jax.models import context, gaussian
 from mrcom_jax.world_model import losses
 
+KEY = jax.random.key(3)
+
 
 def test_diagonal_gaussian_kl_by_hand():
   q = gaussian.DiagGaussian(jnp.array([1.0, 0.0]), jnp.array([1.0, 2.0]))
@@ -85,7 +87,11 @@ def test_head_width(embed, heads, width):
 def test_loss_terms_match_hand_computation_on_model_outputs(
   world_model, variables, batch, loss_fn, state
 ):
-  """The loss's recon, reward and KL terms equal the formulas applied to `observe`'s outputs."""
+  """The loss's recon, reward and KL terms equal the formulas applied to `observe`'s outputs.
+
+  Every KL is KL(q ‖ p) with q the posterior (checked against the reverse direction); Eq. 10's
+  KLs are logged before and after free bits, and L_ms has none.
+  """
 
   k = world_model.spec.context_len
   key = jax.random.key(3)
@@ -103,11 +109,46 @@ def test_loss_terms_match_hand_computation_on_model_outputs(
   np.testing.assert_allclose(metrics["recon"], sq[valid].mean(), rtol=1e-5)
   rew = 0.5 * (np.asarray(out.reward_pred) - np.asarray(win.reward)) ** 2
   np.testing.assert_allclose(metrics["reward"], rew[valid].mean(), rtol=1e-5)
-  q, p = out.posterior_z, out.prior_z
-  kl = np.sum(
-    np.log(p.std / q.std) + (q.std**2 + (q.mean - p.mean) ** 2) / (2 * p.std**2) - 0.5, -1
-  )
-  np.testing.assert_allclose(metrics["kl_z"], np.maximum(kl, 1.0)[valid].mean(), rtol=1e-5)
+
+  def kl(q, p):  # KL(q ‖ p) of diagonal Gaussians, summed over dimensions
+    q_m, q_s, p_m, p_s = (np.asarray(x) for x in (q.mean, q.std, p.mean, p.std))
+    return np.sum(np.log(p_s / q_s) + (q_s**2 + (q_m - p_m) ** 2) / (2 * p_s**2) - 0.5, -1)
+
+  # Eq. 10: KL(posterior ‖ prior), before (raw) and after the 1-nat floor, for z and for u.
+  for name, q, p in [
+    ("kl_z", out.posterior_z, out.prior_z),
+    ("kl_u", out.posterior_u, out.prior_u),
+  ]:
+    forward, reverse = kl(q, p)[valid].mean(), kl(p, q)[valid].mean()
+    assert abs(forward - reverse) > 0.05 * forward  # the directions differ on this batch
+    np.testing.assert_allclose(metrics[f"{name}_raw"], forward, rtol=1e-5, err_msg=name)
+    np.testing.assert_allclose(metrics[name], np.maximum(kl(q, p), 1.0)[valid].mean(), rtol=1e-5)
+  # Eq. 12: KL(q(z | e(o), ...) ‖ r_ψ(z | ...)), without a floor (see the test below).
+  ms = kl(out.posterior_z, out.meta_state)
+  np.testing.assert_allclose(metrics["meta_state"], ms[valid].mean(), rtol=1e-5)
+  assert abs(kl(out.meta_state, out.posterior_z)[valid].mean() - ms[valid].mean()) > 1e-3
   np.testing.assert_allclose(
     metrics["total"], losses.total_loss(metrics, world_model.spec), rtol=1e-6
   )
+
+
+def _constant_head(params, head: str, mean: float):
+  """`head`'s Gaussian made constant: N(mean, softplus(0) + 0.1) whatever its input."""
+  out = params[head]["mlp"]["out"]
+  stoch = out["bias"].shape[-1] // 2
+  bias = jnp.concatenate([jnp.full((stoch,), mean), jnp.zeros(stoch)])
+  new_out = {"kernel": jnp.zeros_like(out["kernel"]), "bias": bias}
+  return {**params, head: {**params[head], "mlp": {**params[head]["mlp"], "out": new_out}}}
+
+
+def test_meta_state_has_no_free_bits(loss_fn, variables, state, batch):
+  """L_ms counts a KL below 1 nat as it is (Eq. 12); Eq. 10's KLs are floored at 1 nat."""
+  params = _constant_head(variables["params"], "posterior_z", 0.0)
+  params = _constant_head(params, "r_psi", 0.2)
+  _, m = loss_fn({**variables, "params": params}, state.values, state.target, batch, KEY)
+  std = float(jax.nn.softplus(0.0)) + 0.1
+  stoch = variables["params"]["r_psi"]["mlp"]["out"]["bias"].shape[-1] // 2
+  expect = stoch * 0.2**2 / (2 * std**2)  # KL of two Gaussians 0.2 apart per dimension: 0.51
+  assert expect < 1.0
+  np.testing.assert_allclose(m["meta_state"], expect, rtol=1e-5)
+  assert float(m["kl_z"]) >= 1.0 and float(m["kl_u"]) >= 1.0  # Eq. 10's floors
