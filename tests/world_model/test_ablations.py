@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from mrcom_jax.world_model import config as config_lib
+from mrcom_jax.world_model import train
 from tests.world_model import conftest
 
 REMOVED_PARAMS = {
@@ -77,3 +78,17 @@ def test_ablation_still_trains(runs, name):
   totals = [m["total"] for m in history]
   assert np.isfinite(totals).all()
   assert np.mean(totals[-3:]) < np.mean(totals[:3]), totals
+
+
+@pytest.mark.parametrize("name", list(REMOVED_PARAMS))
+def test_ablation_logs_the_gradient_norm_of_each_term_it_keeps(name, batch):
+  """The diagnostics (METHOD.md) name each term of Eq. 16 that reaches the world model."""
+  kept = {"kl_z", "kl_u", "recon", "reward", "meta_state", "meta_value_align"}
+  kept -= {"meta_state"} if name == "no_meta_state" else set()
+  kept -= {"meta_value_align"} if name == "no_meta_value" else set()
+  update = train.make_update(conftest.config_for(name))  # traced only: no compilation
+  _, metrics = jax.eval_shape(update, conftest.init_state_for(name), batch)
+  norms = {k.split("/", 1)[1] for k in metrics if k.startswith("grad_norm/")}
+  shares = {k.split("/", 1)[1] for k in metrics if k.startswith("grad_share/")}
+  assert norms == kept | {"wm"} and shares == kept
+  assert {"kl_z_raw", "kl_u_raw"} <= set(metrics)

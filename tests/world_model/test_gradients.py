@@ -8,22 +8,14 @@ import numpy as np
 import pytest
 
 from mrcom_jax.world_model import losses
-
-TERMS = ("wm", "meta_state", "meta_value_align", "meta_value", "td")
+from tests.world_model import conftest
 
 
 @pytest.fixture(scope="module")
-def grads(world_model, state, batch):
+def grads(state, batch):
   """Per-term gradients {term: (d/d world-model params, d/d value params)}, one jacrev."""
-  loss = losses.make_loss(world_model)
-
-  def terms(params, values):
-    variables = {**state.variables, "params": params}
-    _, m = loss(variables, values, state.target, batch, jax.random.key(2))
-    return jnp.stack([m[t] for t in TERMS])
-
-  jac = jax.jit(jax.jacrev(terms, argnums=(0, 1)))(state.variables["params"], state.values)
-  return {t: jax.tree.map(lambda g, i=i: g[i], jac) for i, t in enumerate(TERMS)}
+  keys = conftest.train_keys(state, batch.batch_size)
+  return conftest.term_gradients()(state.variables, state.values, state.target, batch, keys)
 
 
 def _norm(tree) -> float:
@@ -60,6 +52,16 @@ def test_alignment_moves_the_world_model_and_not_the_values(grads):
   assert _norm(g_values) == 0  # V_meta's parameters are held fixed in L_mv
 
 
+@pytest.mark.parametrize("term", ["recon", "reward"])
+def test_u_reaches_the_decoder_and_the_reward_head(grads, term):
+  """u is part of s̃ = [z, h, u]: the likelihood terms train q(u | e(o), c) through it (Eq. 9)."""
+  g_model, _ = grads[term]
+  head = "decoder" if term == "recon" else "reward_head"
+  assert _norm(g_model["posterior_u"]) > 1e-3 * _norm(g_model[head])
+  assert _norm(g_model["prior_u"]) == 0  # p(u | c) enters Eq. 10 through KL_u alone
+  assert _norm(grads["kl_u"][0]["prior_u"]) > 0
+
+
 def test_meta_value_moves_v_meta_only(grads):
   g_model, g_values = grads["meta_value"]
   assert _norm(g_model) == 0
@@ -79,9 +81,8 @@ def test_total_gradient_is_the_sum_of_scaled_terms(grads, world_model, state, ba
   spec = world_model.spec
 
   def total(params, values):
-    return loss(
-      {**state.variables, "params": params}, values, state.target, batch, jax.random.key(2)
-    )[0]
+    keys = conftest.train_keys(state, batch.batch_size)
+    return loss({**state.variables, "params": params}, values, state.target, batch, keys)[0]
 
   g_model, g_values = jax.jit(jax.grad(total, argnums=(0, 1)))(
     state.variables["params"], state.values
