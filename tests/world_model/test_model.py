@@ -147,3 +147,58 @@ def test_step_is_one_step_of_rollout(world_model, variables, batch):
   np.testing.assert_allclose(one.obs, out.obs[:, 0], atol=1e-6)
   np.testing.assert_allclose(two.reward, out.reward[:, 1], atol=1e-6)
   np.testing.assert_allclose(s2.latent.feat, s_roll.latent.feat, atol=1e-6)
+
+
+PREDICTED = ("c", "h_prev", "ga", "prior_z", "prior_u", "meta_state")  # what step t predicts
+POSTERIOR = ("posterior_z", "posterior_u", "z", "h", "u", "obs_pred", "reward_pred")
+
+
+@pytest.mark.parametrize("what", ["obs", "reward", "action"])
+def test_step_t_inputs_reach_only_the_posterior_at_t_and_the_context_after(
+  world_model, variables, batch, observe, what
+):
+  """Causality (METHOD.md Eq. 4-9): o_t, r_t and a_t are not seen by anything predicting step t.
+
+  Perturbing o_t changes the posterior at t and nothing else at t; r_t and a_t change nothing
+  at t. Each reaches c_{t+1} (its token); a_t also reaches g(a_t) at t+1. Earlier steps and
+  other rows never change.
+  """
+  k = world_model.spec.context_len
+  t_len = batch.length - k
+  row = 0
+  first = np.asarray(batch.first)[row, k:]
+  assert np.asarray(batch.valid)[row].all()
+  t = next(i for i in range(3, t_len - 2) if not first[i] and not first[i + 1])
+  i = k + t  # the batch index of training step t
+  if what == "obs":
+    changed = batch.replace(obs=batch.obs.at[row, i].add(batch.obs_mask[row]))
+  elif what == "reward":
+    changed = batch.replace(reward=batch.reward.at[row, i].add(1.0))
+  else:
+    changed = batch.replace(action=batch.action.at[row, i].add(0.5 * batch.act_mask[row]))
+  key = jax.random.key(0)
+
+  def run(b):
+    s0 = world_model.start(variables, b)
+    return observe(variables, s0, *_window_inputs(world_model, b, 0, t_len), key, False)[1]
+
+  ref, got = run(batch), run(changed)
+
+  def field(out, name):
+    return [np.asarray(x) for x in jax.tree.leaves(getattr(out, name))]
+
+  def moved(name, step):
+    return max(
+      np.abs(a[row, step] - b[row, step]).max() for a, b in zip(field(ref, name), field(got, name))
+    )
+
+  for name in PREDICTED + POSTERIOR:
+    for a, b in zip(field(ref, name), field(got, name)):
+      np.testing.assert_array_equal(a[:, :t], b[:, :t], err_msg=f"{name} before t")
+      np.testing.assert_array_equal(np.delete(a, row, 0), np.delete(b, row, 0), err_msg=name)
+  for name in PREDICTED:
+    assert moved(name, t) == 0, name
+  for name in POSTERIOR:
+    assert (moved(name, t) > 1e-4) == (what == "obs"), (name, moved(name, t))
+  assert moved("c", t + 1) > 1e-4  # the token (o_t, a_t, r_t) enters C_{t+1}
+  assert (moved("ga", t + 1) > 1e-4) == (what == "action")
