@@ -7,9 +7,21 @@
       --config.target.domain=hopper --config.target.alpha_len=1.3 --config.target.beta=0.6
 
 Every (target scenario, seed) pair adapts in one jitted program (`mrcom_jax.adaptation.program`);
-this loop only logs, evaluates and checkpoints. Re-running the same command with the same
-`--workdir` resumes from the latest checkpoint and continues exactly; SIGTERM or SIGUSR1 saves a
-checkpoint and exits cleanly.
+this loop only logs, evaluates and checkpoints.
+
+Seeds. A run adapts one pretraining run (`--config.pretrain.workdir`, its final checkpoint unless
+`--config.pretrain.allow_partial=True`). The world model owns the observation function and its
+seed (PROTOCOL.md, Observation functions): every pair observes through the pretraining run's
+`data.obs_fn`, keyed with the pretraining run's `seed`, so `mask_fixed` masks the dimensions the
+model was trained without; `target.obs_fn` / `target.obs_seed` may only repeat them (a different
+request is refused, naming both). `seeds` are adaptation seeds: each keys a pair's SAC, its
+exploration and its episodes. PROTOCOL.md's experiment seed s is `--config.seeds=(s,)` on the
+pretraining run of seed s (what launch/sweep.py builds); more seeds on one pretraining run (the
+smoke preset, the tests) are adaptation repeats of that one world model. Rows of `results.json`
+record both (`seed`, `pretrain_seed`) and the checkpoint used (`world_model_step`).
+
+Re-running the same command with the same `--workdir` resumes from the latest checkpoint and
+continues exactly; SIGTERM or SIGUSR1 saves a checkpoint and exits cleanly.
 
 The workdir keeps `config.json`, `run_info.json`, `metrics.jsonl` and `tensorboard/` (SAC losses,
 training returns per domain, rollout statistics, real steps/s), `checkpoints/` (orbax),
@@ -64,7 +76,7 @@ def validate(c) -> None:
     (r.chunk > 0, "run.chunk", r.chunk, "must be > 0"),
     (all(s >= 0 for s in c.seeds), "seeds", tuple(c.seeds), "must all be ≥ 0"),
     (len(set(c.seeds)) == len(c.seeds), "seeds", tuple(c.seeds), "has a seed twice"),
-    (c.target.obs_seed >= 0, "target.obs_seed", c.target.obs_seed, "must be ≥ 0"),
+    (c.target.obs_seed >= -1, "target.obs_seed", c.target.obs_seed, "must be ≥ -1 (-1: the run's)"),
     (
       len(c.target.domains) > 0 or bool(c.target.domain),
       "target.domains",
@@ -109,7 +121,7 @@ def validate(c) -> None:
     raise ValueError(
       f"config.target.setting={c.target.setting!r}: choose one of {collect._all_settings()}"
     )
-  if c.target.obs_fn not in obs_functions.OBS_FUNCTIONS:
+  if c.target.obs_fn and c.target.obs_fn not in obs_functions.OBS_FUNCTIONS:  # '': the run's
     raise ValueError(
       f"config.target.obs_fn={c.target.obs_fn!r}: choose one of {obs_functions.OBS_FUNCTIONS}"
     )
@@ -132,6 +144,7 @@ def check_inputs(c) -> None:
   """
   validate(c)
   pre = open_pretrained(c)
+  check_pretrained(c, pre)  # observation function and seed, episode length, a finished run
   if not c.adapt.model_rollouts:
     return  # the plain-SAC control never loads the world model
   ckpt_dir = os.path.join(pre.workdir, "checkpoints")
@@ -192,6 +205,93 @@ class Pretrained:
   data_dir: str
   metadata: dict  # v_max, eval_lists, random_returns, specialists (those present)
 
+  @property
+  def seed(self) -> int:
+    """The pretraining run's experiment seed (its observation functions' key)."""
+    return int(self.config["seed"])
+
+  @property
+  def obs_fn(self) -> str:
+    """The observation function the world model was trained on."""
+    return self.config["data"]["obs_fn"]
+
+  @property
+  def final_step(self) -> int:
+    """The update a finished pretraining run saves last."""
+    return int(self.config["train"]["num_updates"])
+
+  @property
+  def episode_length(self) -> int:
+    """Control steps per episode of the collection that measured R_rand and R_ref."""
+    return int(self.config["collect"]["episode_length"])
+
+
+def observation(c, pre: Pretrained) -> tuple[str, int]:
+  """The observation function and its seed: the world model's (PROTOCOL.md, Observation
+  functions). `target.obs_fn` ('' = the world model's) and `target.obs_seed` (-1 = the world
+  model's) may only repeat them.
+
+  Raises:
+    ValueError: another function or seed was asked for; the message names both.
+  """
+  t = c.target
+  asked = [f"config.target.obs_fn={t.obs_fn!r}"] if t.obs_fn and t.obs_fn != pre.obs_fn else []
+  if t.obs_seed >= 0 and t.obs_seed != pre.seed:
+    asked.append(f"config.target.obs_seed={t.obs_seed}")
+  if asked:
+    raise ValueError(
+      f"{' and '.join(asked)} asks for another observation function or seed than the world "
+      f"model's: the pretraining run at {pre.workdir} was trained with "
+      f"data.obs_fn={pre.obs_fn!r} keyed by seed={pre.seed}, and the function and its seed "
+      "belong to the world model (PROTOCOL.md); drop the override (target.obs_fn='' and "
+      "target.obs_seed=-1 take the run's), or adapt a run pretrained with "
+      "--config.data.obs_fn=... --config.seed=..."
+    )
+  return pre.obs_fn, pre.seed
+
+
+def check_reference_length(c, pre: Pretrained, targets: dict) -> None:
+  """R_rand and R_ref from the metadata are returns of `collect.episode_length`-step episodes:
+  refuse targets that have them when `target.episode_length` differs."""
+  if c.target.episode_length == pre.episode_length:
+    return
+  for name in ("random_returns", "specialists"):
+    listed = pre.metadata.get(name, {})
+    for domain, ts in targets.items():
+      hit = [t.label for t in ts if t.label in listed.get(domain, {})]
+      if hit:
+        raise ValueError(
+          f"config.target.episode_length={c.target.episode_length} but the {name} of {domain} "
+          f"{hit[0]} in {pre.data_dir}/metadata were measured on {pre.episode_length}-step "
+          f"episodes (collect.episode_length of {pre.workdir}): pass "
+          f"--config.target.episode_length={pre.episode_length}, or adapt an explicit target "
+          "(--config.target.domain=...), whose random return is measured at its own length"
+        )
+
+
+def check_final(c, pre: Pretrained, step: int) -> None:
+  """Refuses a checkpoint before the pretraining run's last update unless
+  `pretrain.allow_partial`."""
+  if step < pre.final_step and not c.pretrain.allow_partial:
+    raise ValueError(
+      f"the newest pretraining checkpoint in {pre.workdir}/checkpoints is update {step} of "
+      f"train.num_updates={pre.final_step}: the run has not finished. Finish it (rerun python "
+      f"-m experiments.pretrain --workdir={pre.workdir}), or pass "
+      f"--config.pretrain.allow_partial=True to adapt with update {step}"
+    )
+
+
+def check_pretrained(c, pre: Pretrained) -> None:
+  """What adaptation refuses in the pretraining run before it loads or compiles anything: another
+  observation function or seed, R_rand/R_ref of another episode length, an unfinished run (by
+  the newest step saved; the restored step is checked again)."""
+  observation(c, pre)
+  check_reference_length(c, pre, resolve_targets(c, pre))
+  ckpt_dir = os.path.join(pre.workdir, "checkpoints")
+  saved = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()] if os.path.isdir(ckpt_dir) else []
+  if c.adapt.model_rollouts and saved:
+    check_final(c, pre, max(saved))
+
 
 def open_pretrained(c) -> Pretrained:
   workdir = os.path.abspath(c.pretrain.workdir)
@@ -222,6 +322,8 @@ def load_world_model(c, pre: Pretrained):
   Raises:
     CheckpointMismatchError: the checkpoint is not shaped like `config.world_model`; the message
       names the leaves and the config fields that differ.
+    ValueError: the restored checkpoint is not the run's last update (`train.num_updates`) and
+      `pretrain.allow_partial` is off.
   """
   template = jax.eval_shape(
     lambda: train_lib.init_train_state(c.world_model, jax.random.PRNGKey(0))
@@ -238,6 +340,7 @@ def load_world_model(c, pre: Pretrained):
       f"--workdir={pre.workdir}` first"
     )
   step, state, _ = restored
+  check_final(c, pre, step)
   return step, jax.device_put(state)
 
 
@@ -316,10 +419,12 @@ def pair_key(pair: Pair) -> np.ndarray:
 
 
 def env_params(c, pre: Pretrained, domain: str, pairs: list[Pair]) -> env_lib.EnvParams:
-  """The domain's sub-batch: v* = β · v_max from the metadata; one obs-function stream per pair."""
+  """The domain's sub-batch: v* = β · v_max from the metadata; the world model's observation
+  function and seed key (`observation`), one obs-function stream per pair."""
   env = env_lib.make_env(domain, mass_rule=pre.config["collect"]["mass_rule"])
+  obs_fn, obs_seed = observation(c, pre)
   params = env.make_params(
-    [p.target.scenario for p in pairs], obs_fn=c.target.obs_fn, seed=c.target.obs_seed,
+    [p.target.scenario for p in pairs], obs_fn=obs_fn, seed=obs_seed,
     episode_length=c.target.episode_length,
   )  # fmt: skip
   v_max = pre.metadata["v_max"][domain]["value"]
@@ -411,23 +516,18 @@ def adapt(c, workdir: str, *, stop_after: int | None = None, verbose: bool = Tru
   if spec.model_rollouts:
     world_model = model_lib.make_world_model(c.world_model)
     wm_step, wm_state = load_world_model(c, pre)
+  obs_fn, obs_seed = observation(c, pre)
   logs.write_run_info(
-    workdir, c, {"pairs": len(pairs), "world_model_step": wm_step, "data_dir": pre.data_dir}
-  )
+    workdir, c, {
+      "pairs": len(pairs), "world_model_step": wm_step, "world_model_final_step": pre.final_step,
+      "pretrain_seed": pre.seed, "obs_fn": obs_fn, "obs_seed": obs_seed, "data_dir": pre.data_dir,
+    },
+  )  # fmt: skip
   program = program_lib.make_program(
     spec, world_model, pre.config["collect"]["mass_rule"], c.world_model
   )
-  by_domain = {d: [p for p in pairs if p.domain == d] for d, _ in domains}
-  params = program.make_params(
-    [env_params(c, pre, d, by_domain[d]) for d, _ in domains],
-    np.stack([pair_key(p) for p in pairs]),
-    [obs_functions.obs_fn_id(c.target.obs_fn)] * len(pairs),
-    None if wm_state is None else wm_state.variables,
-    [load_behaviour_actor(pre, d, bcfg) for d, _ in domains] if spec.prompt else None,
-    world_model_state=wm_state,
-    random_steps=c.adapt.random_steps,
-    update_after=c.adapt.update_after,
-  )
+  params = program_params(c, pre, program, pairs, wm_state)
+  info = pairs_info(pairs, pre, wm_step)
   state = program.init(params)
   ckpt = checkpoint_lib.Checkpointer(
     os.path.join(workdir, "checkpoints"),
@@ -438,12 +538,18 @@ def adapt(c, workdir: str, *, stop_after: int | None = None, verbose: bool = Tru
   if restored is not None:
     step, state, meta = restored
     history = meta["history"]
+    if meta.get("world_model_step", wm_step) != wm_step:
+      raise ValueError(
+        f"{workdir} adapted from update {meta['world_model_step']} of {pre.workdir}, whose "
+        f"newest checkpoint is now update {wm_step}: resume into a new --workdir"
+      )
     print(f"resuming from the checkpoint at real step {step}")
   else:
     step, history = 0, {"steps": [], "returns": []}
     state = program.prompt(state, params)
     state, history["random_returns"] = random_returns(c, pre, program, state, params, pairs)
-    ckpt.save(0, state, {"real_steps": 0, "history": history, "config": c.to_dict()})
+    ckpt.save(0, state, {"real_steps": 0, "history": history, "config": c.to_dict(),
+                         "world_model_step": wm_step})  # fmt: skip
   last_ckpt = step
   writer = logs.MetricWriter(workdir, resume_step=step)
   total, chunk = c.adapt.real_steps, c.run.chunk
@@ -463,7 +569,7 @@ def adapt(c, workdir: str, *, stop_after: int | None = None, verbose: bool = Tru
           state, returns = program.evaluate(state, params, c.eval.episodes, tag=step)
           history["steps"].append(step)
           history["returns"].append(returns.tolist())
-          rows = results_lib.rows(pairs_info(pairs), history, pre.metadata)
+          rows = results_lib.rows(info, history, pre.metadata)
           for d in dict.fromkeys(p.domain for p in pairs):
             mine = [r for r in rows if r["domain"] == d]
             scalars[f"eval_return/{d}"] = float(np.mean([r["return"] for r in mine]))
@@ -475,7 +581,8 @@ def adapt(c, workdir: str, *, stop_after: int | None = None, verbose: bool = Tru
         bar.set_postfix(steps_per_s=f"{scalars['real_steps_per_s']:.0f}")
         stopped_by = stop.reason(step, stop_after)
         if step % c.run.checkpoint_every == 0 or step == total or stopped_by:
-          ckpt.save(step, state, {"real_steps": step, "history": history, "config": c.to_dict()})
+          meta = {"real_steps": step, "history": history, "config": c.to_dict()}
+          ckpt.save(step, state, dict(meta, world_model_step=wm_step))
           last_ckpt = step
         if stopped_by:
           break
@@ -486,7 +593,7 @@ def adapt(c, workdir: str, *, stop_after: int | None = None, verbose: bool = Tru
   if stopped_by:
     print(f"stopped by {stopped_by} at real step {step}; checkpoint saved, rerun to resume")
     return AdaptRun(state, step, stopped_by, None, program, params, workdir)
-  results = results_lib.summarise(c.to_dict(), pairs_info(pairs), history, pre.metadata)
+  results = results_lib.summarise(c.to_dict(), info, history, pre.metadata)
   logs.write_json(os.path.join(workdir, "results.json"), results)
   results_lib.plot_curves(results, os.path.join(workdir, "learning_curves.png"))
   if verbose:
@@ -494,8 +601,29 @@ def adapt(c, workdir: str, *, stop_after: int | None = None, verbose: bool = Tru
   return AdaptRun(state, step, None, results, program, params, workdir)
 
 
-def pairs_info(pairs: list[Pair]) -> list[dict]:
-  """One dict per pair: domain, setting, label, scenario parameters and seed."""
+def program_params(c, pre: Pretrained, program, pairs: list[Pair], wm_state):
+  """The program's data for `pairs`: env sub-batches with the world model's observation function
+  and seed, pair keys, the world model (`wm_state`, or None), the behaviour experts' actors."""
+  domains = [d for d, _ in program.spec.domains]
+  by_domain = {d: [p for p in pairs if p.domain == d] for d in domains}
+  obs_fn, _ = observation(c, pre)
+  return program.make_params(
+    [env_params(c, pre, d, by_domain[d]) for d in domains],
+    np.stack([pair_key(p) for p in pairs]),
+    [obs_functions.obs_fn_id(obs_fn)] * len(pairs),
+    None if wm_state is None else wm_state.variables,
+    [load_behaviour_actor(pre, d, program.spec.behaviour_sac) for d in domains]
+    if program.spec.prompt
+    else None,
+    world_model_state=wm_state,
+    random_steps=c.adapt.random_steps,
+    update_after=c.adapt.update_after,
+  )
+
+
+def pairs_info(pairs: list[Pair], pre: Pretrained, world_model_step: int | None) -> list[dict]:
+  """One dict per pair: domain, setting, label, scenario parameters, adaptation seed, and what it
+  adapted (the pretraining run's seed and observation function, the checkpoint's update)."""
   return [
     {
       "domain": p.domain,
@@ -503,6 +631,9 @@ def pairs_info(pairs: list[Pair]) -> list[dict]:
       "label": p.target.label,
       "scenario": dataclasses.asdict(p.target.scenario),
       "seed": p.seed,
+      "pretrain_seed": pre.seed,
+      "obs_fn": pre.obs_fn,
+      "world_model_step": world_model_step,
     }
     for p in pairs
   ]

@@ -7,8 +7,10 @@ Presets (pick one after ':'):
 Targets come from an evaluation setting's list (`--config.target.setting=d`) or are given
 explicitly: `--config.target.domain=hopper --config.target.alpha_len=1.3
 --config.target.alpha_size=0.8 --config.target.beta=0.6`. The world model is the latest
-checkpoint of `--config.pretrain.workdir`; `config.world_model` must describe it (the smoke
-preset's is `tiny()`, as in `meta.py:smoke`).
+checkpoint of `--config.pretrain.workdir`, which must be its last update
+(`--config.pretrain.allow_partial=True` takes an unfinished run's); `config.world_model` must
+describe it (the smoke preset's is `tiny()`, as in `meta.py:smoke`). The observation function
+and its seed are the pretraining run's (Table 3: adapt a run pretrained with that function).
 """
 
 from __future__ import annotations
@@ -25,10 +27,13 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     raise ValueError(f"unknown preset {preset!r} for adapt.py: choose one of {PRESETS}")
   c = ml_collections.ConfigDict()
   c.preset = preset
-  c.seeds = (0, 1, 2, 3, 4)  # experiment seeds; each adapts every target (one pair each)
+  # adaptation seeds (SAC, exploration, episodes); each adapts every target (one pair each). The
+  # paper's seed s is seeds=(s,) on the pretraining run of seed s (experiments/adapt.py, Seeds).
+  c.seeds = (0, 1, 2, 3, 4)
 
   c.pretrain = ml_collections.ConfigDict()
-  c.pretrain.workdir = "runs/meta"  # the pretraining run (its latest checkpoint, config, data)
+  c.pretrain.workdir = "runs/meta"  # the pretraining run (its final checkpoint, config, data)
+  c.pretrain.allow_partial = False  # True: adapt an unfinished run's newest checkpoint
   c.data_dir = ""  # metadata and behaviour experts; '' → the pretraining run's data directory
 
   c.world_model = wm_config.get_config()  # must match the checkpoint (checked, with a message)
@@ -41,8 +46,10 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
   c.target.alpha_len = 1.0  # explicit target only
   c.target.alpha_size = 1.0
   c.target.beta = 0.5
-  c.target.obs_fn = "none"  # the target's observation function (Table 3)
-  c.target.obs_seed = 0  # experiment-seed key of the observation functions (as in the data)
+  # The observation function and its seed belong to the world model (PROTOCOL.md): '' and -1
+  # take the pretraining run's data.obs_fn and seed; any other request must repeat them.
+  c.target.obs_fn = ""
+  c.target.obs_seed = -1
   c.target.episode_length = 1000  # control steps per real episode
 
   c.adapt = ml_collections.ConfigDict()

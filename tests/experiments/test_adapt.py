@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -22,10 +23,11 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import adapt
+from experiments import adapt, pretrain
 from mrcom_jax.adaptation import program as program_lib
+from mrcom_jax.envs import obs_functions, specs
 from mrcom_jax.training import checkpoint, logs
-from tests.experiments.conftest import adapt_config
+from tests.experiments.conftest import adapt_config, pipeline_config
 
 
 def test_adapts_with_rollouts_and_reports(adapt_run):
@@ -38,6 +40,8 @@ def test_adapts_with_rollouts_and_reports(adapt_run):
     assert r["random_source"] == "measured" and r["reference_return"] is None
     assert r["score"] is None  # an explicit target has no specialist
     assert r["curve"]["steps"] == [500, 1000, 1500, 2000, 2500, 3000]
+    # what it adapted: the pretraining run's final checkpoint, seed and observation function
+    assert (r["world_model_step"], r["pretrain_seed"], r["obs_fn"]) == (2000, 0, "none")
   random_mean = np.mean([r["random_return"] for r in rows])
   curve = np.mean([r["curve"]["returns"] for r in rows], axis=0)
   print(f"random {random_mean:.2f}, evaluations {np.round(curve, 2)}")
@@ -51,6 +55,9 @@ def test_adapts_with_rollouts_and_reports(adapt_run):
   assert [m["step"] for m in metrics] == list(range(250, 3001, 250))
   assert all("model/imagined_reward" in m and "sac/critic_loss" in m for m in metrics)
   assert "eval_return/cheetah" in metrics[1] and metrics[-1]["real_steps_per_s"] > 0
+  info = json.load(open(os.path.join(w, "run_info.json")))["invocations"][-1]
+  assert info["world_model_step"] == info["world_model_final_step"] == 2000
+  assert (info["pretrain_seed"], info["obs_fn"], info["obs_seed"]) == (0, "none", 0)
 
 
 def test_rollouts_prompt_and_schedule(adapt_run):
@@ -138,6 +145,95 @@ def test_a_checkpoint_of_another_model_size_names_the_field(adapt_pretrained, tm
 def test_bad_input_gets_a_clear_error(adapt_pretrained, tmp_path, overrides, error, message):
   with pytest.raises(error, match=message):
     adapt.adapt(adapt_config(adapt_pretrained, **overrides), str(tmp_path / "w"), verbose=False)
+
+
+def test_another_observation_function_or_seed_is_refused(adapt_pretrained, tmp_path):
+  """The observation function and its seed are the world model's (PROTOCOL.md): repeating them
+  is accepted, another request is refused before anything is written, naming both."""
+  pre = adapt.open_pretrained(adapt_config(adapt_pretrained))
+  same = {"target.obs_fn": "none", "target.obs_seed": 0}
+  assert adapt.observation(adapt_config(adapt_pretrained, **same), pre) == ("none", 0)
+  for overrides, asked in [
+    ({"target.obs_fn": "mask_fixed"}, r"config\.target\.obs_fn='mask_fixed'"),
+    ({"target.obs_seed": 1}, r"config\.target\.obs_seed=1"),
+  ]:
+    c = adapt_config(adapt_pretrained, **overrides)
+    with pytest.raises(ValueError, match=asked + r".*data\.obs_fn='none' keyed by seed=0"):
+      adapt.adapt(c, str(tmp_path / "w"), verbose=False)
+    assert not os.path.exists(tmp_path / "w")
+
+
+def test_an_unfinished_pretraining_run_is_refused_unless_allowed(adapt_pretrained, tmp_path):
+  """A pretraining run stopped at update 1000 of 2000 (its final save set aside): refused, unless
+  pretrain.allow_partial, and then the step used is the one restored."""
+  partial = str(tmp_path / "partial")
+  shutil.copytree(adapt_pretrained, partial, symlinks=True)
+  shutil.rmtree(os.path.join(partial, "checkpoints", "2000"))
+  c = adapt_config(partial)
+  with pytest.raises(ValueError, match=r"update 1000 of train\.num_updates=2000.*allow_partial"):
+    adapt.adapt(c, str(tmp_path / "w"), verbose=False)
+  assert not os.path.exists(tmp_path / "w")
+  pre = adapt.open_pretrained(c)
+  with pytest.raises(ValueError, match="has not finished"):
+    adapt.load_world_model(c, pre)  # the restored step is checked too
+  step, state = adapt.load_world_model(
+    adapt_config(partial, **{"pretrain.allow_partial": True}), pre
+  )
+  assert step == 1000 and int(state.step) == 1000
+
+
+def test_metadata_returns_of_another_episode_length_are_refused(adapt_pretrained, tmp_path):
+  """R_rand and R_ref in the metadata are returns of 50-step episodes (the pipeline's
+  collection): list targets with 250-step episodes are refused; at 50 steps they pass."""
+  lists = {"target.domain": "", "target.setting": "a"}
+  c = adapt_config(adapt_pretrained, **lists)  # target.episode_length = 250
+  with pytest.raises(ValueError, match=r"episode_length=250 but the random_returns of hopper "
+                     r"a/0 .* 50-step episodes.*--config\.target\.episode_length=50"):  # fmt: skip
+    adapt.adapt(c, str(tmp_path / "w"), verbose=False)
+  assert not os.path.exists(tmp_path / "w")
+  c = adapt_config(adapt_pretrained, **lists, **{"target.episode_length": 50})
+  adapt.check_pretrained(c, adapt.open_pretrained(c))
+
+
+@pytest.fixture(scope="module")
+def mask_fixed_runs(pipeline, tmp_path_factory) -> dict[int, str]:
+  """Pretraining runs of seeds 0 and 1 on `mask_fixed` (the pipeline's data, one chunk of 50
+  updates): their workdirs."""
+  runs = {}
+  for seed in (0, 1):
+    workdir = str(tmp_path_factory.mktemp(f"mask_fixed_s{seed}"))
+    os.symlink(pipeline.data_dir, os.path.join(workdir, "data"))
+    c = pipeline_config(**{"seed": seed, "data.obs_fn": "mask_fixed", "train.num_updates": 50,
+                           "train.checkpoint_every": 50})  # fmt: skip
+    pretrain.pretrain(c, workdir, verbose=False)
+    runs[seed] = workdir
+  return runs
+
+
+def test_mask_fixed_adapts_with_its_pretraining_runs_masked_dimensions(adapt_run, mask_fixed_runs):
+  """Both pairs (adaptation seeds 0, 1) of an adaptation of pretraining seed s observe through
+  the mask that pretraining saw: the dimensions its normaliser found constant (std floored at
+  1e-3, fitted on the sampler's records) are the zeros of the program's observations."""
+  program, cheetah = adapt_run.program, specs.get_domain("cheetah")
+  seen = {}
+  for seed, workdir in mask_fixed_runs.items():
+    c = adapt_config(workdir)
+    pre = adapt.open_pretrained(c)
+    assert adapt.observation(c, pre) == ("mask_fixed", seed)
+    step, wm_state = adapt.load_world_model(c, pre)
+    assert step == 50
+    std = np.asarray(wm_state.variables["normalizer"].std)[cheetah.id, : cheetah.obs_dim]
+    pretrained = np.flatnonzero(std <= 1.01e-3)
+    expected = np.sort(np.asarray(obs_functions.fixed_mask_dims(jax.random.PRNGKey(seed), cheetah)))
+    np.testing.assert_array_equal(pretrained, expected)
+    pairs = adapt.make_pairs(c, adapt.resolve_targets(c, pre))
+    params = adapt.program_params(c, pre, program, pairs, wm_state)  # the run's shapes: no compile
+    state, _ = program.run(program.init(params), params, program_lib.AdaptMode.EVAL)
+    obs = np.asarray(state.envs[0].obs)[:, : cheetah.obs_dim]  # [2 pairs, 17]
+    for p in range(len(pairs)):
+      np.testing.assert_array_equal(np.flatnonzero(obs[p] == 0), pretrained)
+    seen[seed] = tuple(pretrained)
+  assert seen[0] != seen[1]  # the seeds mask different dimensions: the test tells them apart
 
 
 def test_list_targets_and_pair_keys(adapt_pretrained):
