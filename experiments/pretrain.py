@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
-  """A loss term became NaN or Inf; the last good checkpoint is kept."""
+  """A loss term became NaN or Inf; the newest checkpoint is kept, and the message says which."""
 
 
 # ---- configuration ----------------------------------------------------------------------------
@@ -186,21 +186,36 @@ class Run:
   summary: dict | None
 
 
-def _check_finite(metrics: dict[str, np.ndarray], first_step: int, ckpt_step: int | None, where):
+def _check_finite(
+  metrics: dict[str, np.ndarray], first_step: int, ckpt_step: int | None, verified: bool, where
+):
+  """Raises NonFiniteLossError naming the term, the update, the checkpoint a rerun would use
+  (verified at restore, or saved by this run from finite losses) and what to do."""
   for name, values in metrics.items():
     bad = ~np.isfinite(values)
     if bad.any():
       i = int(np.argmax(bad))
-      kept = (
-        f"the last good checkpoint (update {ckpt_step}) is kept in {where}"
-        if ckpt_step is not None
-        else "no checkpoint had been written yet"
+      at = first_step + i + 1
+      what = (
+        "Lower the learning rate (--config.world_model.model_opt.lr / value_opt.lr), raise "
+        "min_std, or check the data for NaNs"
       )
+      if ckpt_step is None:
+        kept = f"no checkpoint had been written yet. {what}; rerunning starts afresh."
+      else:
+        how = (
+          "this run resumed from it after checking its leaf digests and finiteness"
+          if verified
+          else "saved by this run from finite losses; it is checked when restored"
+        )
+        kept = (
+          f"the newest checkpoint is update {ckpt_step} in {where} ({how}). {what}, then rerun: "
+          f"the run resumes from update {ckpt_step} (unchanged, it would repeat the same updates "
+          f"and diverge again at update {at}); to start from an earlier save, move "
+          f"{where}/{ckpt_step} aside."
+        )
       raise NonFiniteLossError(
-        f"loss term {name!r} became {values[i]} at update {first_step + i + 1}. Training stopped; "
-        f"{kept}. Lower the learning "
-        "rate (--config.world_model.model_opt.lr / value_opt.lr), raise min_std, or check the "
-        "data for NaNs; rerunning the same command resumes from that checkpoint."
+        f"loss term {name!r} became {values[i]} at update {at}. Training stopped; {kept}"
       )
 
 
@@ -272,7 +287,8 @@ def pretrain(c, workdir: str, *, stop_after: int | None = None, verbose: bool = 
         fetched = jax.device_get(chunk_metrics)
         elapsed = time.perf_counter() - t0
         stacked = {k: np.stack([m[k] for m in fetched]) for k in fetched[0]}
-        _check_finite(stacked, step, last_ckpt, ckpt.directory)
+        verified = restored is not None and last_ckpt == start  # the one it resumed from
+        _check_finite(stacked, step, last_ckpt, verified, ckpt.directory)
         step += n
         scalars = {k: float(v.mean()) for k, v in stacked.items()}
         scalars["updates_per_s"] = n / elapsed
