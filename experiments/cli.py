@@ -54,6 +54,15 @@ def _field_error(argv, default_config: str | None, error: Exception) -> str:
   return f"unknown config field: {str(error).splitlines()[0]}"
 
 
+def _one_line(error: Exception) -> str:
+  """A flag error on one line: its first line, and the error at the end of a traceback that
+  ml_collections folds into the message (an unknown preset, a config file that raises)."""
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  if len(lines) > 1 and any(line.startswith("Traceback") for line in lines):
+    return f"{lines[0].rstrip(':')}: {lines[-1]}"
+  return lines[0] if lines else type(error).__name__
+
+
 def parse(define_flags, flag_values, argv, default_config: str | None = None):
   """Defines an entry point's flags on `flag_values` (`define_flags(flag_values, argv)`) and
   parses `argv` with them.
@@ -69,7 +78,7 @@ def parse(define_flags, flag_values, argv, default_config: str | None = None):
     holders = define_flags(flag_values, argv)  # overrides are read here when --config is absent
     rest = flag_values(argv)
   except flags.Error as e:
-    raise BadInput(str(e).splitlines()[0]) from None
+    raise BadInput(_one_line(e)) from None
   except (AttributeError, KeyError) as e:  # ml_collections: an override names no field
     raise BadInput(_field_error(argv, default_config, e)) from None
   return holders, rest

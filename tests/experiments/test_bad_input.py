@@ -11,8 +11,9 @@ import sys
 
 import jax
 import pytest
+from absl import flags
 
-from experiments import adapt, collect, pretrain
+from experiments import adapt, cli, collect, pretrain
 from experiments.configs import collect as collect_presets
 from mrcom_jax.training import checkpoint, logs
 from tests.experiments.conftest import _override, adapt_config, pipeline_config
@@ -198,3 +199,15 @@ def test_the_command_line_says_one_line_without_a_traceback(args, message, tmp_p
   assert out.returncode == 1, out.stderr[-2000:]
   assert out.stderr.strip().splitlines()[-1] == message, out.stderr[-2000:]
   assert "Traceback" not in out.stderr and not workdir.exists()
+
+
+def test_an_unknown_preset_is_one_line_naming_the_presets():
+  # ml_collections folds the config file's traceback into the flag error; only its last line is
+  # the user's mistake.
+  argv = ["prog", "--config=experiments/configs/meta.py:tiny"]
+  with pytest.raises(cli.BadInput) as e:
+    cli.parse(pretrain.define_flags, flags.FlagValues(), argv)
+  message = str(e.value)
+  assert "\n" not in message and "Traceback" not in message
+  assert message.endswith("ValueError: unknown preset 'tiny' for meta.py: choose one of "
+                          "('default', 'smoke', 'hopper', 'walker', 'cheetah')")  # fmt: skip
