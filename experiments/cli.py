@@ -12,6 +12,8 @@ from absl import flags
 from ml_collections import config_dict, config_flags
 from ml_collections.config_flags import config_flags as config_files
 
+from mrcom_jax.training import checkpoint
+
 # World-model fields that do not change what a checkpoint holds or computes (compile choices).
 _NOT_THE_MODEL = ("scan_unroll",)
 
@@ -112,22 +114,13 @@ def world_model_differences(saved: dict, requested) -> list[tuple[str, object, o
   """(field, saved value, requested value) for every world-model field in which a run's saved
   `world_model` config (its config.json) and `requested` (a ConfigDict) differ; fields that
   change no number (`scan_unroll`) are left out. Nested fields are dotted ('model_opt.lr')."""
-  a, b = _flat(saved), _flat(json.loads(json.dumps(requested.to_dict())))
+  a = checkpoint.flat_config(saved)
+  b = checkpoint.flat_config(json.loads(json.dumps(requested.to_dict())))
   return [
     (k, a.get(k), b.get(k))
     for k in sorted(set(a) | set(b))
     if a.get(k) != b.get(k) and k not in _NOT_THE_MODEL
   ]
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
 
 
 def define_run_flags(

@@ -161,11 +161,12 @@ def _quiet_libraries():
         lg.removeFilter(quiet)
 
 
-def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+def flat_config(d: dict, prefix: str = "") -> dict[str, Any]:
+  """A nested config dict as {dotted field: value} ('model_opt.lr')."""
   out = {}
   for k, v in d.items():
     if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
+      out.update(flat_config(v, f"{prefix}{k}."))
     else:
       out[f"{prefix}{k}"] = v
   return out
@@ -186,7 +187,7 @@ def describe_mismatch(saved: dict, current: dict, saved_config=None, config=None
     # A run that reads part of another's checkpoint (adaptation restores a pretraining run's
     # world model) passes only that part: compare the top-level sections it names.
     saved_config = {k: v for k, v in saved_config.items() if k in config}
-    a, b = _flat(saved_config), _flat(config)
+    a, b = flat_config(saved_config), flat_config(config)
     fields = [
       f"  config.{k}: checkpoint {a.get(k)!r}, this run {b.get(k)!r}"
       for k in sorted(set(a) | set(b))

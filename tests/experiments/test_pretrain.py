@@ -107,16 +107,23 @@ def test_sigterm_saves_and_resumes_exactly(pipeline, tmp_path):
   assert _same_tree(second.state, pipeline.run.state)
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate"])
+@pytest.mark.parametrize("damage", ["flip", "swap", "truncate"])
 def test_corrupted_latest_checkpoint_falls_back(damage, pipeline, tmp_path, caplog, capfd):
-  """64 inverted bytes in the newest checkpoint's largest array file (readable, wrong values:
-  caught by the leaf digests) or that file cut in half (unreadable): the run sets the step aside
-  with one warning line, resumes from the save before it and ends as the uninterrupted run."""
+  """The newest checkpoint damaged: 64 inverted bytes in the middle of its largest array file
+  (compressed: it reads back either as an error or, silently, as other values), its arrays
+  replaced by the previous save's (readable, other values: only the leaf digests see it), or its
+  largest array file cut in half (unreadable). The run sets the step aside with one warning
+  line, resumes from the save before it and ends as the uninterrupted run."""
   workdir = str(tmp_path / "copy")
   shutil.copytree(pipeline.workdir, workdir, symlinks=True)
-  path = test_checkpoint.largest_array_file(os.path.join(workdir, "checkpoints", "300"))
+  step_dir = os.path.join(workdir, "checkpoints", "300")
+  path = test_checkpoint.largest_array_file(step_dir)
   if damage == "flip":
     test_checkpoint.flip_bytes(path)
+  elif damage == "swap":
+    shutil.rmtree(os.path.join(step_dir, "state"))
+    shutil.copytree(os.path.join(workdir, "checkpoints", "200", "state"),
+                    os.path.join(step_dir, "state"))  # fmt: skip
   else:
     with open(path, "r+b") as f:
       f.truncate(os.path.getsize(path) // 2)
@@ -126,7 +133,7 @@ def test_corrupted_latest_checkpoint_falls_back(damage, pipeline, tmp_path, capl
   ours = [r.getMessage() for r in records if r.name == checkpoint.log.name]
   assert len(ours) == 1 and "\n" not in ours[0], ours
   assert "checkpoint step 300 is corrupted" in ours[0] and "corrupted_300" in ours[0]
-  if damage == "flip":
+  if damage == "swap":
     assert "digest" in ours[0], ours[0]
   noise = [r.getMessage() for r in records if r.exc_info or "TensorStore" in r.getMessage()]
   assert not noise and "Traceback" not in capfd.readouterr().err, noise

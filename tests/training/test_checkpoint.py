@@ -30,8 +30,13 @@ def _state(width: int = 4, offset: float = 0.0):
 
 
 def _random_state(seed: int):
-  """A state whose largest leaf is random floats (incompressible: its bytes are stored as is)."""
-  return {"w": jax.random.normal(jax.random.PRNGKey(seed), (64, 16)), "b": jnp.full((3,), 1.0)}
+  """A state whose largest leaf is random bits: incompressible, so TensorStore stores its bytes
+  as they are (random floats are zstd-compressed, and inverting compressed bytes sometimes reads
+  back as an error instead of wrong values)."""
+  return {
+    "w": jax.random.bits(jax.random.PRNGKey(seed), (64, 16), jnp.uint32),
+    "b": jnp.full((3,), 1.0),
+  }
 
 
 def largest_array_file(step_dir: str) -> str:
@@ -41,14 +46,30 @@ def largest_array_file(step_dir: str) -> str:
   return max(paths, key=os.path.getsize)
 
 
-def flip_bytes(path: str, n: int = 64) -> None:
-  """Inverts `n` bytes in the middle of `path`: the file stays readable, its values change."""
+def flip_bytes(path: str, n: int = 64, at: int | None = None) -> None:
+  """Inverts `n` bytes of `path` from offset `at` (default: the middle)."""
   with open(path, "r+b") as f:
     data = bytearray(f.read())
-    mid = len(data) // 2
-    data[mid : mid + n] = bytes(b ^ 0xFF for b in data[mid : mid + n])
+    at = len(data) // 2 if at is None else at
+    data[at : at + n] = bytes(b ^ 0xFF for b in data[at : at + n])
     f.seek(0)
     f.write(data)
+
+
+def flip_stored_bytes(step_dir: str, leaf, n: int = 64) -> str:
+  """Inverts up to `n` bytes in the middle of `leaf`'s values where a step's data files store
+  them as they are (an incompressible leaf: random bits, a PRNG key): the files stay readable
+  and read back other values, silently. Returns the file's path."""
+  raw = np.asarray(leaf).tobytes()
+  n = min(n, len(raw))
+  probe = raw[(len(raw) - n) // 2 :][:n]
+  for path in glob.glob(os.path.join(step_dir, "state", "ocdbt.process_*", "d", "*")):
+    with open(path, "rb") as f:
+      at = f.read().find(probe)
+    if at >= 0:
+      flip_bytes(path, n, at)
+      return path
+  raise AssertionError(f"no data file of {step_dir} stores the leaf's bytes as they are")
 
 
 def _restore_two(tmp_path, second_state, caplog, monkeypatch, corrupt=None):
@@ -62,7 +83,7 @@ def _restore_two(tmp_path, second_state, caplog, monkeypatch, corrupt=None):
     ck.save(2, second_state, {"data_position": 2})
     ck.wait()
     if corrupt is not None:
-      corrupt(largest_array_file(os.path.join(tmp_path, "2")))
+      corrupt(os.path.join(tmp_path, "2"))
     caplog.clear()
     with caplog.at_level(logging.WARNING):
       step, state, meta = ck.restore_latest(_random_state(0))
@@ -77,8 +98,9 @@ def _restore_two(tmp_path, second_state, caplog, monkeypatch, corrupt=None):
 
 def test_flipped_bytes_fail_the_digest_and_fall_back(tmp_path, caplog, capfd, monkeypatch):
   step, state, lines = _restore_two(
-    tmp_path, _random_state(2), caplog, monkeypatch, corrupt=flip_bytes
-  )
+    tmp_path, _random_state(2), caplog, monkeypatch,
+    corrupt=lambda step_dir: flip_stored_bytes(step_dir, _random_state(2)["w"]),
+  )  # fmt: skip
   assert step == 1
   np.testing.assert_array_equal(state["w"], _random_state(1)["w"])
   assert len(lines) == 1, lines
@@ -99,7 +121,8 @@ def test_truncated_file_warns_in_one_line_without_tracebacks(tmp_path, caplog, c
   """The one warning line, and none of the pages that the failed read leaves behind: orbax's
   abandoned reads of the other leaves, printed with their tracebacks when collected."""
 
-  def truncate(path):
+  def truncate(step_dir):
+    path = largest_array_file(step_dir)
     with open(path, "r+b") as f:
       f.truncate(os.path.getsize(path) // 2)
 
