@@ -155,8 +155,8 @@ def test_checkpoint_of_other_model_size_names_the_field(pipeline, tmp_path):
 @pytest.mark.parametrize(
   "override, message",
   [
-    ({"world_model.batch_size": -6}, r"config.world_model.batch_size=-6 must be > 0"),
-    ({"world_model.context_len": 0}, r"config.world_model.context_len=0 \(k\) must be > 0"),
+    ({"world_model.batch_size": -6}, r"config.world_model.batch_size=-6 must be an integer ≥ 1"),
+    ({"world_model.context_len": 0}, r"config.world_model.context_len=0 must be an integer ≥ 1"),
     (
       {"train.checkpoint_every": 75},
       r"config.train.checkpoint_every=75 must be a positive multiple",
