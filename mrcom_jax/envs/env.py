@@ -1,4 +1,11 @@
-"""Batched MJX environments: one domain, `N` scenarios stepped as one pure, jittable function.
+"""Batched environments: one domain, `N` scenarios stepped as one pure, jittable function.
+
+Two backends behind one API (PROTOCOL.md, "Simulation backends"): `mjx` steps the batch with MuJoCo
+MJX inside the program (accelerators), `mujoco` with MuJoCo C on the host through one
+`jax.pure_callback` per control step (`envs/host.py`; CPU hosts). `auto` picks `mjx` when the
+default JAX device is a GPU or TPU and `mujoco` otherwise (`resolve_backend`). Only the physics
+step differs: the reset distribution, episode boundaries, divergence rule, readout, rewards and
+observation functions below are shared.
 
 `env = make_env('walker')`, then per batch of scenarios `params = env.make_params(scenarios)`
 (host side: builds and stacks the models) and, jitted, `state = env.reset(params, key)` and
@@ -25,17 +32,27 @@ import numpy as np
 from flax import struct
 from mujoco import mjx
 
-from mrcom_jax.envs import batching, morphology, obs_functions, rewards, specs
+from mrcom_jax.envs import batching, host, morphology, obs_functions, rewards, specs
 from mrcom_jax.envs.scenarios import Scenario
 
 CHEETAH_SETTLE_STEPS = 200  # the suite lets the cheetah settle for 200 physics steps at reset
+BACKENDS = ("auto", "mjx", "mujoco")
+
+
+def resolve_backend(backend: str = "auto") -> str:
+  """`mjx` or `mujoco` for a requested `env.backend` (`auto`: `mjx` on a GPU or TPU)."""
+  if backend not in BACKENDS:
+    raise ValueError(f"env.backend={backend!r} is not one of {list(BACKENDS)}")
+  if backend == "auto":
+    return "mujoco" if jax.default_backend() == "cpu" else "mjx"
+  return backend
 
 
 @struct.dataclass
 class EnvParams:
   """Per-scenario data of a batch (all leading axes `N`)."""
 
-  model: mjx.Model  # stacked on batching.BATCHED_FIELDS
+  model: mjx.Model | jax.Array  # mjx: stacked on batching.BATCHED_FIELDS; mujoco: [N] handles
   xi: jax.Array  # [N, 6] scenario descriptor
   v_target: jax.Array  # [N] β · v_max
   obs_fn: jax.Array  # [N] int32 observation function id
@@ -49,7 +66,7 @@ class EnvParams:
 class EnvState:
   """The batch's state after a reset or a step (all leading axes `N`)."""
 
-  data: mjx.Data
+  data: mjx.Data | host.HostData  # the backend's physics state
   obs: jax.Array  # [N, OBS_PAD] after the observation function, zero-padded
   obs_clean: jax.Array  # [N, d_o] the suite's observation
   reward: jax.Array  # [N] reward of this state (0 at first)
@@ -84,6 +101,7 @@ class Env:
   domain: specs.DomainSpec
   mass_rule: str
   solver: morphology.SolverOptions
+  backend: str  # 'mjx' or 'mujoco' (resolved)
   template: mjx.Model
   model_axes: mjx.Model
   v_max: float
@@ -127,8 +145,12 @@ class Env:
       _model(self.domain.name, s.alpha_len, s.alpha_size, self.mass_rule, self.solver)
       for s in scenarios
     ]
+    if self.backend == "mujoco":
+      model = jnp.asarray([host.register(m) for m in models], jnp.int32)
+    else:
+      model = batching.stack(self.template, models)
     return EnvParams(
-      model=batching.stack(self.template, models),
+      model=model,
       xi=jnp.asarray(np.stack([s.descriptor for s in scenarios])),
       v_target=jnp.asarray([s.beta * self.v_max for s in scenarios], jnp.float32),
       obs_fn=jnp.asarray(fn_ids, jnp.int32),
@@ -189,7 +211,9 @@ class Env:
   def _readout(self, data):
     """(obs [d_o], speed, height, upright) from up-to-date data of one member."""
     ids = self.ids
-    speed = data._impl.subtree_linvel[ids["torso"], 0]  # MJX keeps it in the JAX impl
+    # MJX keeps subtree_linvel in its JAX impl; HostData has it as a field.
+    linvel = data.subtree_linvel if isinstance(data, host.HostData) else data._impl.subtree_linvel
+    speed = linvel[ids["torso"], 0]
     name = self.domain.name
     if name == "hopper":
       touch = jnp.log1p(data.sensordata[ids["touch"]])
@@ -220,8 +244,10 @@ class Env:
       params.obs_fn, obs_clean, params.stream, stream_step
     )
 
-  def _blank_data(self, n: int) -> mjx.Data:
-    """`n` copies of the template's fresh `mjx.Data` (a reset starts from it)."""
+  def _blank_data(self, n: int) -> mjx.Data | host.HostData:
+    """`n` copies of the template's fresh data (a reset starts from it)."""
+    if self.backend == "mujoco":
+      return host.blank(_model(self.domain.name, 1.0, 1.0, self.mass_rule, self.solver), n)
     return jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)), mjx.make_data(self.template))
 
   def initial(self, params: EnvParams, key) -> EnvState:
@@ -280,14 +306,18 @@ class Env:
     restart = state.last
     key, key_reset = jax.vmap(jax.random.split, out_axes=1)(state.key)
     key = jnp.where(restart[:, None], key, state.key)
-    start = self._blank_data(n).replace(qpos=jax.vmap(self._sample_qpos)(key_reset))
-    data = _where_rows(restart, start, state.data)
+    qpos_start = jax.vmap(self._sample_qpos)(key_reset)
     settle = CHEETAH_SETTLE_STEPS if self.domain.name == "cheetah" else 0
     n_phys = jnp.where(restart, settle, self.domain.n_substeps).astype(jnp.int32)
     probe = restart & (self.domain.name == "hopper")  # only the hopper observes a sensor (touch)
     ctrl = jnp.where(restart[:, None], 0.0, action)
-    data = self._advance(params, data, ctrl, n_phys, probe)
-    data = data.replace(time=jnp.where(restart, 0.0, data.time))
+    if self.backend == "mujoco":
+      data = host.step(params.model, state.data, restart, qpos_start, ctrl, n_phys, probe)
+    else:
+      start = self._blank_data(n).replace(qpos=qpos_start)
+      data = _where_rows(restart, start, state.data)
+      data = self._advance(params, data, ctrl, n_phys, probe)
+      data = data.replace(time=jnp.where(restart, 0.0, data.time))
 
     obs_clean, speed, height, upright = jax.vmap(self._readout)(data)
     finite = lambda x: jnp.all(jnp.isfinite(x.reshape(n, -1)), axis=1)
@@ -335,12 +365,12 @@ def _reset_plan(m: mujoco.MjModel, domain: str) -> dict:
   }
 
 
-@functools.cache
 def make_env(
   domain: str,
   mass_rule: str = "fixed",
   solver: morphology.SolverOptions = morphology.DEFAULT_SOLVER,
   v_max: float | None = None,
+  backend: str = "auto",
 ) -> Env:
   """The batched environment of `domain` ('hopper', 'walker' or 'cheetah').
 
@@ -349,7 +379,13 @@ def make_env(
     mass_rule: 'fixed' (torso geoms keep their default mass) or 'density'.
     solver: MJX solver settings (see `morphology.SolverOptions`).
     v_max: the domain's top speed; defaults to the labelled provisional value in `rewards`.
+    backend: 'auto' (default: 'mjx' on a GPU or TPU, 'mujoco' on a CPU), 'mjx' or 'mujoco'.
   """
+  return _make_env(domain, mass_rule, solver, v_max, resolve_backend(backend))
+
+
+@functools.cache
+def _make_env(domain, mass_rule, solver, v_max, backend) -> Env:
   spec = specs.get_domain(domain)
   morphology.validate(domain, 1.0, 1.0, mass_rule)
   m = _model(domain, 1.0, 1.0, mass_rule, solver)
@@ -369,6 +405,7 @@ def make_env(
     domain=spec,
     mass_rule=mass_rule,
     solver=solver,
+    backend=backend,
     template=tmpl,
     model_axes=batching.in_axes(tmpl),
     v_max=float(rewards.PROVISIONAL_V_MAX[domain] if v_max is None else v_max),
