@@ -504,6 +504,7 @@ def make_program(
   world_model: model_lib.WorldModel | None = None,
   mass_rule: str = "fixed",
   world_model_config=None,
+  backend: str = "auto",
 ) -> Program:
   """The jitted adaptation program for `spec` (see the module docstring).
 
@@ -513,6 +514,8 @@ def make_program(
       `spec.model_rollouts` is False.
     mass_rule: torso mass rule of the envs (as in collection).
     world_model_config: the world model's config (fine-tuning programs build its update).
+    backend: the envs' simulation backend (`env.resolve_backend`); the EnvParams given to
+      `make_params` must come from envs of the same backend.
   """
   spec.check()
   if spec.model_rollouts and world_model is None:
@@ -524,7 +527,9 @@ def make_program(
       f"AdaptSpec.context_len={spec.context_len} but the world model's k is "
       f"{world_model.spec.context_len}"
     )
-  domain_envs = tuple(env_lib.make_env(name, mass_rule=mass_rule) for name, _ in spec.domains)
+  domain_envs = tuple(
+    env_lib.make_env(name, mass_rule=mass_rule, backend=backend) for name, _ in spec.domains
+  )
   offsets = spec.offsets()
   num_p, k, cap_l, cap_m = spec.num_pairs, spec.context_len, spec.stream_len, spec.model_capacity
   d_o, d_a, sac_cfg = specs.OBS_PAD, specs.ACT_PAD, spec.sac
