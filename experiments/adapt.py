@@ -23,6 +23,10 @@ record both (`seed`, `pretrain_seed`) and the checkpoint used (`world_model_step
 Re-running the same command with the same `--workdir` resumes from the latest checkpoint and
 continues exactly; SIGTERM or SIGUSR1 saves a checkpoint and exits cleanly.
 
+The target envs run on `--config.env.backend` (auto: mjx on a GPU or TPU, mujoco on a CPU); the
+resolved backend is recorded in run_info.json and in every row of results.json (`env_backend`),
+and a run resumes only on the backend it started on (its checkpoints hold that backend's states).
+
 The workdir keeps `config.json`, `run_info.json`, `metrics.jsonl` and `tensorboard/` (SAC losses,
 training returns per domain, rollout statistics, real steps/s), `checkpoints/` (orbax),
 `results.json` (one row per scenario × seed with its resolved scenario, returns, normalised score
@@ -93,7 +97,11 @@ def validate(c) -> None:
     (a.finetune.batch_size >= 0, "adapt.finetune.batch_size", a.finetune.batch_size, "must be ≥ 0"),
     (a.finetune.seq_len >= 0, "adapt.finetune.seq_len", a.finetune.seq_len, "must be ≥ 0"),
     (r.max_to_keep > 0, "run.max_to_keep", r.max_to_keep, "must be > 0"),
-  ]
+    (
+      c.env.backend in env_lib.BACKENDS, "env.backend", c.env.backend,
+      f"must be one of {env_lib.BACKENDS}",
+    ),
+  ]  # fmt: skip
   for name in ("hidden", "layers", "batch_size", "actor_lr", "critic_lr", "alpha_lr"):
     checks.append((a.sac[name] > 0, f"adapt.sac.{name}", a.sac[name], "must be > 0"))
   gamma = a.sac.discount
@@ -133,16 +141,19 @@ def validate(c) -> None:
   wm_config.resolve(c.world_model)  # its own checks: every size ≥ 1, scales, mv_mode
 
 
-def check_inputs(c) -> None:
+def check_inputs(c, workdir: str | None = None) -> None:
   """Everything `adapt` can refuse before it writes, loads or compiles anything: the config
-  (`validate`) and the pretraining run (its config.json and metadata, a checkpoint, and the same
-  world model as `config.world_model`, read from its config.json without restoring anything).
+  (`validate`), the pretraining run (its config.json and metadata, a checkpoint, and the same
+  world model as `config.world_model`, read from its config.json without restoring anything)
+  and, given the run's `workdir`, a resume on another simulation backend (`check_resume`).
 
   Raises:
     ValueError, FileNotFoundError: one line naming the field, the value and the fix
       (CheckpointMismatchError, a ValueError, for a run of another world model).
   """
   validate(c)
+  if workdir is not None:
+    check_resume(c, workdir)
   pre = open_pretrained(c)
   check_pretrained(c, pre)  # observation function and seed, episode length, a finished run
   if not c.adapt.model_rollouts:
@@ -161,6 +172,31 @@ def check_inputs(c) -> None:
     raise checkpoint_lib.CheckpointMismatchError(
       f"config.pretrain.workdir={c.pretrain.workdir!r} holds another world model ({named}): "
       f"pass {fix}, or point config.pretrain.workdir at a run of this world model"
+    )
+
+
+def check_resume(c, workdir: str) -> None:
+  """Refuses to resume `workdir` on another simulation backend than its checkpoints were made on
+  (they hold that backend's env states: `mjx.Data` or the host's exact MuJoCo state), as
+  recorded in its run_info.json.
+
+  Raises:
+    ValueError: one line naming both backends and the fix.
+  """
+  ckpt_dir, info = os.path.join(workdir, "checkpoints"), os.path.join(workdir, "run_info.json")
+  if not os.path.isdir(ckpt_dir) or not any(d.isdigit() for d in os.listdir(ckpt_dir)):
+    return  # nothing to resume
+  if not os.path.exists(info):
+    return
+  with open(info) as f:
+    runs = json.load(f)["invocations"]
+  saved = next((r["env_backend"] for r in reversed(runs) if "env_backend" in r), None)
+  backend = env_lib.resolve_backend(c.env.backend)
+  if saved is not None and saved != backend:
+    raise ValueError(
+      f"{workdir} adapted on the {saved!r} simulation backend and this run asks for {backend!r} "
+      f"(config.env.backend={c.env.backend!r}): its checkpoints hold {saved} env states; resume "
+      f"it with --config.env.backend={saved}, or adapt into a new --workdir"
     )
 
 
@@ -421,7 +457,9 @@ def pair_key(pair: Pair) -> np.ndarray:
 def env_params(c, pre: Pretrained, domain: str, pairs: list[Pair]) -> env_lib.EnvParams:
   """The domain's sub-batch: v* = β · v_max from the metadata; the world model's observation
   function and seed key (`observation`), one obs-function stream per pair."""
-  env = env_lib.make_env(domain, mass_rule=pre.config["collect"]["mass_rule"])
+  env = env_lib.make_env(
+    domain, mass_rule=pre.config["collect"]["mass_rule"], backend=c.env.backend
+  )  # the program's backend (`adapt`)
   obs_fn, obs_seed = observation(c, pre)
   params = env.make_params(
     [p.target.scenario for p in pairs], obs_fn=obs_fn, seed=obs_seed,
@@ -504,8 +542,9 @@ def adapt(c, workdir: str, *, stop_after: int | None = None, verbose: bool = Tru
     stop_after: stop (with a checkpoint) once this many real steps are done, as if pre-empted.
     verbose: progress bar and printed table.
   """
-  check_inputs(c)  # bad input fails here, before anything is written
+  check_inputs(c, workdir)  # bad input fails here, before anything is written
   os.makedirs(workdir, exist_ok=True)
+  backend = env_lib.resolve_backend(c.env.backend)
   pre = open_pretrained(c)
   targets = resolve_targets(c, pre)
   pairs = make_pairs(c, targets)
@@ -521,13 +560,14 @@ def adapt(c, workdir: str, *, stop_after: int | None = None, verbose: bool = Tru
     workdir, c, {
       "pairs": len(pairs), "world_model_step": wm_step, "world_model_final_step": pre.final_step,
       "pretrain_seed": pre.seed, "obs_fn": obs_fn, "obs_seed": obs_seed, "data_dir": pre.data_dir,
+      "env_backend": backend,
     },
   )  # fmt: skip
   program = program_lib.make_program(
-    spec, world_model, pre.config["collect"]["mass_rule"], c.world_model
+    spec, world_model, pre.config["collect"]["mass_rule"], c.world_model, backend=backend
   )
   params = program_params(c, pre, program, pairs, wm_state)
-  info = pairs_info(pairs, pre, wm_step)
+  info = pairs_info(pairs, pre, wm_step, backend)
   state = program.init(params)
   ckpt = checkpoint_lib.Checkpointer(
     os.path.join(workdir, "checkpoints"),
@@ -621,9 +661,12 @@ def program_params(c, pre: Pretrained, program, pairs: list[Pair], wm_state):
   )
 
 
-def pairs_info(pairs: list[Pair], pre: Pretrained, world_model_step: int | None) -> list[dict]:
-  """One dict per pair: domain, setting, label, scenario parameters, adaptation seed, and what it
-  adapted (the pretraining run's seed and observation function, the checkpoint's update)."""
+def pairs_info(
+  pairs: list[Pair], pre: Pretrained, world_model_step: int | None, backend: str
+) -> list[dict]:
+  """One dict per pair: domain, setting, label, scenario parameters, adaptation seed, what it
+  adapted (the pretraining run's seed and observation function, the checkpoint's update) and
+  the simulation backend its target env ran on (resolved)."""
   return [
     {
       "domain": p.domain,
@@ -634,6 +677,7 @@ def pairs_info(pairs: list[Pair], pre: Pretrained, world_model_step: int | None)
       "pretrain_seed": pre.seed,
       "obs_fn": pre.obs_fn,
       "world_model_step": world_model_step,
+      "env_backend": backend,
     }
     for p in pairs
   ]
@@ -658,8 +702,9 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logs.quiet_libraries()
-  cli.exit_on_bad_input(check_inputs, RUN_FLAGS.config.value)  # one line, no traceback
-  adapt(RUN_FLAGS.config.value, RUN_FLAGS.workdir.value)
+  c, workdir = RUN_FLAGS.config.value, RUN_FLAGS.workdir.value
+  cli.exit_on_bad_input(check_inputs, c, workdir)  # one line, no traceback
+  adapt(c, workdir)
 
 
 RUN_FLAGS = cli.RunFlags(

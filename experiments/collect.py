@@ -19,6 +19,11 @@ from `metadata/`; nothing is written back into a config. SIGTERM / SIGUSR1 stop 
 boundary; the stage resumes from its last period checkpoint. A diverged episode is dropped
 (counted as `dropped_episodes` in the stage's results and datasets), never fatal.
 
+Simulation backend: `--config.env.backend` (auto: mjx on a GPU or TPU, mujoco on a CPU). Every
+job records the one it ran on in its directory (`backend.json`), every dataset in its info
+(`backend`), and a job or dataset resumes only on the backend it started on: its checkpoints hold
+that backend's env states. Finished stages made on another backend are used as they are.
+
 All SAC recipes of a domain go through one program (`mrcom_jax.agents.runner`): reward mode,
 scenarios, the ξ input gate and the mode (train / explore / deterministic / random) are data.
 """
@@ -33,6 +38,7 @@ import json
 import math
 import os
 import shutil
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -67,6 +73,10 @@ STAGES = ("v_max", "gate", "behaviour", "datasets", "lists", "random", "speciali
 
 class StageStopped(RuntimeError):
   """A signal stopped a stage at a chunk boundary; rerun to resume from its last checkpoint."""
+
+
+class BackendSwitch(ValueError):
+  """A job or dataset would continue on another simulation backend than it started on."""
 
 
 # ---- paths and metadata -----------------------------------------------------------------------
@@ -149,9 +159,10 @@ def validate(cc) -> None:
       raise ValueError(f"config.collect.evaluation.settings has {setting!r}: choose from {known}")
   if cc.scenario_episodes < 1:
     raise ValueError(f"config.collect.scenario_episodes={cc.scenario_episodes} must be ≥ 1")
-  rules = morphology.MASS_RULES
+  rules, backends = morphology.MASS_RULES, env_lib.BACKENDS
   ranges = [  # the remaining fields (name, value, allowed, ok)
     ("seed", cc.seed, "≥ 0", cc.seed >= 0),
+    ("env.backend", cc.env.backend, f"one of {backends}", cc.env.backend in backends),
     ("domains", tuple(cc.domains), "at least one domain", len(cc.domains) > 0),
     ("mass_rule", cc.mass_rule, f"one of {rules}", cc.mass_rule in rules),
     ("v_max.episodes", cc.v_max.episodes, "≥ 1", cc.v_max.episodes >= 1),
@@ -274,10 +285,25 @@ def num_periods(cc, num_envs: int, env_steps: int) -> int:
   )
 
 
+def resolved_backend(cc) -> str:
+  """The simulation backend of `cc.env.backend`: 'mjx' or 'mujoco' ('auto' resolved here)."""
+  return env_lib.resolve_backend(cc.env.backend)
+
+
+def make_env(cc, domain: str) -> env_lib.Env:
+  """The env of every program and every batch of params: the config's mass rule and backend."""
+  return env_lib.make_env(domain, mass_rule=cc.mass_rule, backend=cc.env.backend)
+
+
+def get_runner(cc, domain: str, rc: runner_lib.RunnerConfig):
+  """One compiled runner per (domain, shapes, env), shared by every stage that fits it; its env
+  is the one `make_params` builds params with (`make_env`)."""
+  return _runner(make_env(cc, domain), dataclasses.replace(rc, domain=domain))
+
+
 @functools.cache
-def get_runner(domain: str, rc: runner_lib.RunnerConfig):
-  """One compiled runner per (domain, shapes), shared by every stage that fits it."""
-  return runner_lib.make_runner(env_lib.make_env(domain), dataclasses.replace(rc, domain=domain))
+def _runner(env: env_lib.Env, rc: runner_lib.RunnerConfig):
+  return runner_lib.make_runner(env, rc)
 
 
 def make_params(
@@ -289,8 +315,7 @@ def make_params(
   stream_offset: int = 0,
 ) -> env_lib.EnvParams:
   """Env params with v* = β · v_max from the metadata (not the env's provisional value)."""
-  env = env_lib.make_env(domain, mass_rule=cc.mass_rule)
-  params = env.make_params(
+  params = make_env(cc, domain).make_params(
     members,
     reward_mode=reward_mode,
     seed=cc.seed,
@@ -302,10 +327,52 @@ def make_params(
 
 
 def open_writer(path: str, domain: str, kind: str, episode_length: int, info: dict):
-  """A writer continuing the incomplete dataset at `path`, or creating it."""
+  """A writer continuing the incomplete dataset at `path`, or creating it.
+
+  Raises:
+    BackendSwitch: the incomplete dataset holds records of another simulation backend than
+      `info['backend']` (one line naming both).
+  """
   if os.path.exists(os.path.join(path, dataset_lib.META_FILE)):
+    saved = dataset_lib.Dataset.open(path, allow_incomplete=True).info.get("backend")
+    _check_same_backend(path, saved, info.get("backend"))
     return dataset_lib.DatasetWriter.resume(path)
   return dataset_lib.DatasetWriter(path, domain, kind, episode_length=episode_length, info=info)
+
+
+BACKEND_FILE = "backend.json"  # a job directory's simulation backend
+
+
+def claim_backend(cc, workdir: str) -> str:
+  """The resolved backend of the job in `workdir`, recorded there (`backend.json`) before the job
+  runs; a job that started on another backend is refused, before anything is compiled.
+
+  A job resumes from its checkpoints, which hold its backend's env states (`mjx.Data` or the
+  host's exact MuJoCo state): another backend could not restore them, and redoing the job's
+  periods on it would splice two simulators into one stream.
+
+  Raises:
+    BackendSwitch: `workdir` was started on another backend; the message names both and the fix.
+  """
+  backend = resolved_backend(cc)
+  path = os.path.join(workdir, BACKEND_FILE)
+  if os.path.exists(path):
+    with open(path) as f:
+      _check_same_backend(workdir, json.load(f)["backend"], backend)
+  else:
+    os.makedirs(workdir, exist_ok=True)
+    logs.write_json(path, {"backend": backend})
+  return backend
+
+
+def _check_same_backend(where: str, saved: str | None, backend: str | None) -> None:
+  """Refuses to continue `where` (made on `saved`) on another backend; None: not recorded."""
+  if saved is not None and backend is not None and saved != backend:
+    raise BackendSwitch(
+      f"{where} was started on the {saved!r} simulation backend and this run asks for "
+      f"{backend!r} (config.env.backend): resume it with --config.env.backend={saved}, or remove "
+      f"{where} to redo it on {backend!r}"
+    )
 
 
 # ---- one SAC run (train / generate), checkpointed per period -----------------------------------
@@ -355,7 +422,8 @@ def run_job(cc, job: Job, v_max: float, workdir: str, stop=None, seed: int = 0) 
   dropped: it enters neither the returns, the speeds nor the writer, and `dropped_episodes`
   counts it (a divergence never stops a stage, and its resume drops it again).
   """
-  runner = get_runner(job.domain, dataclasses.replace(job.rc, domain=""))
+  claim_backend(cc, workdir)  # before anything is compiled or restored
+  runner = get_runner(cc, job.domain, job.rc)
   per_period = job.period_episodes * (cc.episode_length + 1)
   chunks_per_period = per_period // cc.chunk
   ctl = runner_lib.make_controls(job.mode, job.random_steps, job.xi_gate)
@@ -630,8 +698,9 @@ def stage_behaviour(cc, root: str, domains, v_max: dict, gate: dict, stop) -> No
         domain,
         "behaviour",
         cc.episode_length,
-        {"distribution": dist.to_dict(), "v_max": v_max[domain], "seed": cc.seed},
-      )
+        {"distribution": dist.to_dict(), "v_max": v_max[domain], "seed": cc.seed,
+         "backend": resolved_backend(cc)},
+      )  # fmt: skip
       job = training_job(
         cc, "behaviour", f"behaviour {dist_name}/{domain}", domain,
         functools.partial(_draw_period, cc, dist, domain, n, (3, dom_id, dist_id)),
@@ -683,7 +752,8 @@ def _generate(cc, root, dist_name, domain, kind, snapshots, v_max, gate, stop) -
   per_episode = cc.episode_length + 1
   episodes = math.ceil(cc.datasets.records / (n * per_episode))
   p_eps = min(cc.scenario_episodes, episodes)
-  info = {"distribution": dist.to_dict(), "v_max": v_max[domain], "seed": cc.seed}
+  info = {"distribution": dist.to_dict(), "v_max": v_max[domain], "seed": cc.seed,
+          "backend": resolved_backend(cc)}  # fmt: skip
   actor, mode, xi_gate = None, runner_lib.RunnerMode.RANDOM, 0.0
   if kind in ("medium", "expert"):
     value = lambda snap: snapshot_return(cc, root, dist_name, domain, snap, v_max, gate, stop)
@@ -767,7 +837,7 @@ def _actor_like(cc, domain: str):
 
 def _actor_shapes(cc, domain: str, n: int):
   """The shapes of one agent's actor params (agent axis first)."""
-  runner = get_runner(domain, recipe(cc, "behaviour"))
+  runner = get_runner(cc, domain, recipe(cc, "behaviour"))
   members = [scen.Scenario(domain)] * n
   state = jax.eval_shape(
     runner.init, make_params(cc, domain, members, 1.0, "target_speed"), jax.random.PRNGKey(0)
@@ -898,6 +968,8 @@ def main(argv) -> None:
     print_metadata(run(_CONFIG.value, _DATA_DIR.value))
   except StageStopped as e:  # SIGTERM / SIGUSR1: the stage's last period checkpoint is kept
     print(e)
+  except BackendSwitch as e:  # refused before the job compiled anything
+    sys.exit(f"error: {e}")
 
 
 def define_flags() -> None:

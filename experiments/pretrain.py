@@ -12,9 +12,15 @@ Multi-host: under Slurm with several tasks or on a TPU pod (`config.train.distri
 process runs this same function; each reads only its rows of every batch, process 0 alone writes
 the files below, and all of them write the checkpoints together.
 
+The simulation backend is the collection's: `--config.env.backend` (auto, mjx or mujoco) is
+`--config.collect.env.backend`, one value under both names.
+
 The workdir keeps: `config.json` (resolved), `run_info.json` (command lines, versions, devices,
 git revision), `metrics.jsonl` and `tensorboard/` (every loss term, gradient norms, updates/s,
 data wait), `checkpoints/` (orbax) and `summary.json` (held-out prediction errors per domain).
+`run_info.json` and `summary.json` record `env_backend` (this run's backend, resolved: what its
+collection stages run on) and `data_backends` (per domain, the backend that simulated the
+dataset trained on, from its info; None for data recorded without one).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import dataclasses
 import logging
 import math
 import os
+import sys
 import time
 
 import jax
@@ -33,6 +40,7 @@ from tqdm import tqdm
 from experiments import cli, collect
 from mrcom_jax.data import dataset as dataset_lib
 from mrcom_jax.data import sampler as sampler_lib
+from mrcom_jax.envs import env as env_lib
 from mrcom_jax.envs import obs_functions, specs
 from mrcom_jax.training import checkpoint as checkpoint_lib
 from mrcom_jax.training import logs, sharding
@@ -79,6 +87,8 @@ def validate(c) -> None:
   for ok, field, value, what in checks:
     if not ok:
       raise ValueError(f"config.{field}={value} {what}")
+  if c.env.backend not in env_lib.BACKENDS:  # the collection's field too: named as given here
+    raise ValueError(f"config.env.backend={c.env.backend!r} must be one of {env_lib.BACKENDS}")
   for d in c.data.domains:
     if d not in collect.DOMAINS:
       raise ValueError(
@@ -241,8 +251,10 @@ def pretrain(c, workdir: str, *, stop_after: int | None = None, verbose: bool = 
     prefetch=c.data.prefetch,
   )  # fmt: skip
   primary = sharding.is_primary()
+  backends = {"env_backend": collect.resolved_backend(c.collect),
+              "data_backends": {ds.domain: ds.info.get("backend") for ds in datasets}}  # fmt: skip
   if primary:
-    logs.write_run_info(workdir, c, {"mesh": dict(mesh.shape)})
+    logs.write_run_info(workdir, c, {"mesh": dict(mesh.shape), **backends})
   normalizer = sharding.from_primary(
     sampler_lib.fit_normalizer(
       datasets,
@@ -312,7 +324,7 @@ def pretrain(c, workdir: str, *, stop_after: int | None = None, verbose: bool = 
     if primary:
       print(f"stopped by {stopped_by} at update {step}; checkpoint saved, rerun to resume")
     return Run(state, step, stopped_by, None)
-  summary = summarise(c, state, sampler, workdir)
+  summary = summarise(c, state, sampler, workdir, backends)
   if verbose and primary:
     print_summary(summary)
   return Run(state, step, None, summary)
@@ -322,8 +334,9 @@ def pretrain(c, workdir: str, *, stop_after: int | None = None, verbose: bool = 
 _open_loop_errors = jax.jit(evaluation.open_loop_errors, static_argnums=(0, 3, 4))
 
 
-def summarise(c, state: train_lib.TrainState, sampler, workdir: str) -> dict:
-  """One-step and multi-step open-loop prediction error per domain on held-out episodes.
+def summarise(c, state: train_lib.TrainState, sampler, workdir: str, backends: dict) -> dict:
+  """One-step and multi-step open-loop prediction error per domain on held-out episodes, with
+  `backends` ({'env_backend', 'data_backends'}, as in run_info.json).
 
   Every process computes it (each reads its share of the held-out windows, then all are
   gathered); process 0 writes `summary.json`.
@@ -338,7 +351,8 @@ def summarise(c, state: train_lib.TrainState, sampler, workdir: str) -> dict:
   batch = sampler.holdout_batch(c.eval.windows * n_domains, window=window, seed=c.seed + 1)
   batch = sharding.to_host(batch)
   domains = np.asarray(batch.domain)
-  out = {"updates": int(state.step), "windows_per_domain": int(c.eval.windows), "domains": {}}
+  out = {"updates": int(state.step), "windows_per_domain": int(c.eval.windows), **backends,
+         "domains": {}}  # fmt: skip
   errors = np.asarray(
     _open_loop_errors(
       world_model, variables, batch, burn_in, max(horizons), jax.random.PRNGKey(c.seed)
@@ -378,6 +392,8 @@ def main(argv) -> None:
     pretrain(c, workdir)
   except collect.StageStopped as e:  # stopped while collecting its data: rerun to resume
     print(e)
+  except collect.BackendSwitch as e:  # a collection job refused before compiling anything
+    sys.exit(f"error: {e}")
 
 
 RUN_FLAGS = cli.RunFlags(

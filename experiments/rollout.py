@@ -3,8 +3,9 @@
   python -m experiments.rollout --config=experiments/configs/rollout.py:smoke --workdir=/tmp/rollout
 
 Writes `<workdir>/summary.json` (per domain: scenarios, returns, speeds, divergence count,
-steps/s), `<workdir>/config.json` and `<workdir>/rollout.png` (one scenario per domain).
-Override any field on the command line, e.g. `--config.num_envs=16 --config.obs_fn=mask_random`.
+steps/s; `_meta` with the simulation backend resolved, `env_backend`), `<workdir>/config.json`
+and `<workdir>/rollout.png` (one scenario per domain). Override any field on the command line,
+e.g. `--config.num_envs=16 --config.obs_fn=mask_random --config.env.backend=mjx`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from absl import app, flags
 from ml_collections import config_flags
 from tqdm import tqdm
 
+from experiments import cli
 from mrcom_jax.envs import env as env_lib
 from mrcom_jax.envs import morphology, scenarios, specs
 
@@ -41,6 +43,8 @@ def validate(c) -> None:
 
   obs_functions.obs_fn_id(c.obs_fn)
   morphology.validate(c.domains[0], 1.0, 1.0, c.mass_rule)
+  if c.env.backend not in env_lib.BACKENDS:
+    raise ValueError(f"config.env.backend={c.env.backend!r} must be one of {env_lib.BACKENDS}")
 
 
 def make_chunk(env, params, chunk: int):
@@ -60,7 +64,7 @@ def make_chunk(env, params, chunk: int):
 
 def simulate(c, domain: str, key, progress) -> dict:
   """Runs one domain's batch; returns its summary and per-step traces."""
-  env = env_lib.make_env(domain, mass_rule=c.mass_rule)
+  env = env_lib.make_env(domain, mass_rule=c.mass_rule, backend=c.env.backend)
   rng = np.random.default_rng(c.seed + specs.get_domain(domain).id)
   members = scenarios.get_distribution(c.setting, c.split).sample(rng, domain, c.num_envs)
   params = env.make_params(members, obs_fn=c.obs_fn, seed=c.seed)
@@ -116,22 +120,36 @@ def plot(results: dict, path: str, c) -> None:
   plt.close(fig)
 
 
+def run(c, workdir: str, verbose: bool = True) -> dict:
+  """Simulates every domain of `c`, writes config.json, summary.json and rollout.png into
+  `workdir`; returns the summary."""
+  validate(c)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(c.to_json(indent=1))
+  results = {}
+  total = len(c.domains) * -(-c.steps // c.chunk) * c.chunk
+  with tqdm(total=total, unit="step", disable=not verbose) as bar:
+    for i, domain in enumerate(c.domains):
+      results[domain] = simulate(c, domain, jax.random.PRNGKey(c.seed * 1000 + i), bar)
+  plot(results, os.path.join(workdir, "rollout.png"), c)
+  summary = {d: {k: v for k, v in r.items() if not k.startswith("_")} for d, r in results.items()}
+  summary["_meta"] = {
+    "jax": jax.__version__,
+    "backend": jax.default_backend(),  # JAX's platform
+    "env_backend": env_lib.resolve_backend(c.env.backend),
+    "seed": c.seed,
+  }
+  with open(os.path.join(workdir, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+  return summary
+
+
 def main(argv) -> None:
   del argv
   c = _CONFIG.value
-  validate(c)
-  os.makedirs(_WORKDIR.value, exist_ok=True)
-  with open(os.path.join(_WORKDIR.value, "config.json"), "w") as f:
-    f.write(c.to_json(indent=1))
-  results = {}
-  with tqdm(total=len(c.domains) * -(-c.steps // c.chunk) * c.chunk, unit="step") as bar:
-    for i, domain in enumerate(c.domains):
-      results[domain] = simulate(c, domain, jax.random.PRNGKey(c.seed * 1000 + i), bar)
-  plot(results, os.path.join(_WORKDIR.value, "rollout.png"), c)
-  summary = {d: {k: v for k, v in r.items() if not k.startswith("_")} for d, r in results.items()}
-  summary["_meta"] = {"jax": jax.__version__, "backend": jax.default_backend(), "seed": c.seed}
-  with open(os.path.join(_WORKDIR.value, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=1)
+  cli.exit_on_bad_input(validate, c)  # one line, no traceback
+  summary = run(c, _WORKDIR.value)
   for d, r in summary.items():
     if d.startswith("_"):
       continue

@@ -38,6 +38,11 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
 
   c.world_model = wm_config.get_config()  # must match the checkpoint (checked, with a message)
 
+  # Simulation backend of the target envs: 'auto' (mjx on a GPU or TPU, mujoco on a CPU), 'mjx'
+  # or 'mujoco'; recorded in run_info.json and every result row; a run resumes only on its own.
+  c.env = ml_collections.ConfigDict()
+  c.env.backend = "auto"
+
   c.target = ml_collections.ConfigDict()
   c.target.setting = "a"  # evaluation setting whose list to adapt to: a, b, c, d, a@0.8, fixed
   c.target.domains = ("hopper", "walker", "cheetah")

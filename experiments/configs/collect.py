@@ -4,7 +4,8 @@ Presets (PROTOCOL.md, "Behaviour policies, datasets, recipes" and "The smoke pre
   collect.py          the paper-scale protocol (every training distribution, all four datasets);
   collect.py:smoke    setting (a) only, 4 envs per domain, 8k env steps per SAC, `mix` only;
   collect.py:hopper / :walker / :cheetah   the default restricted to one domain.
-Everything made here is made once (seed 0) and shared by every experiment seed.
+Everything made here is made once (seed 0) and shared by every experiment seed, on the simulation
+backend `env.backend` (default auto: mjx on a GPU or TPU, mujoco on a CPU).
 """
 
 from __future__ import annotations
@@ -38,6 +39,11 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
   c.episode_length = 1000  # control steps per episode (each episode has 1001 records)
   c.scenario_episodes = 5  # a slot keeps its scenario for this many episodes (one "period")
   c.chunk = 143  # control steps per jitted scan; must divide episode_length + 1 (= 7·11·13)
+
+  # Simulation backend (PROTOCOL.md, Simulation backends): 'auto' (mjx on a GPU or TPU, mujoco on
+  # a CPU), 'mjx' or 'mujoco'. Each stage records the one it resolved to and resumes only on it.
+  c.env = ml_collections.ConfigDict()
+  c.env.backend = "auto"
 
   # 1. v_max experts: the suite's run/hop reward at δ = 0, then deterministic episodes.
   c.v_max = ml_collections.ConfigDict()

@@ -6,7 +6,8 @@ Presets (pick one after ':'):
   meta.py:smoke      PROTOCOL.md's smoke preset: the whole pipeline on a 2-core CPU in minutes;
   meta.py:hopper / :walker / :cheetah   a world model per domain (Table 4).
 Override any field on the command line, e.g. `--config.world_model.deter=256
---config.data.distribution=wide --config.train.num_updates=2000`.
+--config.data.distribution=wide --config.train.num_updates=2000`; `--config.env.backend=mjx` (or
+mujoco; default auto: mjx on a GPU or TPU, mujoco on a CPU) picks the collection's simulator.
 """
 
 from __future__ import annotations
@@ -62,5 +63,9 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 100
     c.eval.windows = 8
     c.collect = collect.get_config("smoke")
+  # The simulation backend is the collection's (pretraining simulates nothing else):
+  # `env.backend` is `collect.env.backend` under the name every entry point shares, one value.
+  c.env = ml_collections.ConfigDict()
+  c.env.backend = c.collect.env.get_ref("backend")
   c.lock()
   return c

@@ -25,6 +25,8 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
   c.obs_fn = "none"  # observation function (PROTOCOL.md, Table 3)
   c.mass_rule = "fixed"  # 'fixed' or 'density'
   c.seed = 0  # scenario draws, resets, actions and observation functions
+  c.env = ml_collections.ConfigDict()
+  c.env.backend = "auto"  # 'auto' (mjx on a GPU or TPU, mujoco on a CPU), 'mjx' or 'mujoco'
   if preset == "smoke":
     c.num_envs = 4
   c.lock()

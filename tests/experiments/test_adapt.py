@@ -29,6 +29,8 @@ from mrcom_jax.envs import obs_functions, specs
 from mrcom_jax.training import checkpoint, logs
 from tests.experiments.conftest import adapt_config, pipeline_config
 
+BACKEND = "mujoco" if jax.default_backend() == "cpu" else "mjx"  # what 'auto' resolves to
+
 
 def test_adapts_with_rollouts_and_reports(adapt_run):
   results = adapt_run.results
@@ -42,6 +44,7 @@ def test_adapts_with_rollouts_and_reports(adapt_run):
     assert r["curve"]["steps"] == [500, 1000, 1500, 2000, 2500, 3000]
     # what it adapted: the pretraining run's final checkpoint, seed and observation function
     assert (r["world_model_step"], r["pretrain_seed"], r["obs_fn"]) == (2000, 0, "none")
+    assert r["env_backend"] == BACKEND  # the default, auto, resolved
   random_mean = np.mean([r["random_return"] for r in rows])
   curve = np.mean([r["curve"]["returns"] for r in rows], axis=0)
   print(f"random {random_mean:.2f}, evaluations {np.round(curve, 2)}")
@@ -58,6 +61,8 @@ def test_adapts_with_rollouts_and_reports(adapt_run):
   info = json.load(open(os.path.join(w, "run_info.json")))["invocations"][-1]
   assert info["world_model_step"] == info["world_model_final_step"] == 2000
   assert (info["pretrain_seed"], info["obs_fn"], info["obs_seed"]) == (0, "none", 0)
+  assert info["env_backend"] == BACKEND and on_disk["config"]["env"]["backend"] == "auto"
+  assert all(env.backend == BACKEND for env in adapt_run.program.envs)
 
 
 def test_rollouts_prompt_and_schedule(adapt_run):
@@ -102,6 +107,26 @@ def test_stop_and_resume_equals_the_uninterrupted_run(adapt_run, adapt_pretraine
   assert all(np.array_equal(a, b) for a, b in same)
   steps = [m["step"] for m in logs.read_jsonl(os.path.join(workdir, "metrics.jsonl"))]
   assert steps == list(range(250, 3001, 250))
+
+
+def test_a_run_resumes_only_on_its_own_backend(adapt_run, adapt_pretrained, tmp_path):
+  """The finished run's workdir, rerun on the other backend: refused in one line naming both
+  (its checkpoints hold env states of its own backend), before anything is written."""
+  workdir = str(tmp_path / "copy")
+  shutil.copytree(adapt_run.workdir, workdir)
+  other = {"mjx": "mujoco", "mujoco": "mjx"}[BACKEND]
+  c = adapt_config(adapt_pretrained, **{"env.backend": other})
+  files = lambda: (sorted(os.listdir(workdir)), open(os.path.join(workdir, "run_info.json")).read())
+  before = files()
+  with pytest.raises(ValueError) as e:
+    adapt.adapt(c, workdir, verbose=False)
+  assert str(e.value) == (
+    f"{workdir} adapted on the {BACKEND!r} simulation backend and this run asks for {other!r} "
+    f"(config.env.backend={other!r}): its checkpoints hold {BACKEND} env states; resume it "
+    f"with --config.env.backend={BACKEND}, or adapt into a new --workdir"
+  )
+  assert files() == before
+  adapt.check_inputs(adapt_config(adapt_pretrained), workdir)  # its own backend: fine
 
 
 def test_a_checkpoint_of_another_model_size_names_the_field(adapt_pretrained, tmp_path):

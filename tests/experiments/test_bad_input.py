@@ -20,6 +20,7 @@ from tests.experiments.conftest import _override, adapt_config, pipeline_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEVICES = jax.device_count()
+BACKENDS = ("auto", "mjx", "mujoco")
 
 
 def _listing(root: str) -> list[str]:
@@ -71,6 +72,7 @@ COLLECT = [
   ({"evaluation.settings": ("e",)}, "config.collect.evaluation.settings has 'e'"),
   ({"gate.threshold": 1.5}, "config.collect.gate.threshold=1.5"),
   ({"behaviour.sac.lr": 0.0}, "config.collect.behaviour.sac.lr=0.0"),
+  ({"env.backend": "gpu"}, f"config.collect.env.backend='gpu' must be one of {BACKENDS}"),
 ]
 PRETRAIN = [
   ({"world_model.deter": -3}, "config.world_model.deter=-3 must be an integer ≥ 1"),
@@ -93,6 +95,8 @@ PRETRAIN = [
   ({"data.distribution": "narrow_beta0.8"}, "config.data.distribution='narrow_beta0.8' has no"),
   ({"data.kind": "expert"}, "config.data.kind='expert' has no data"),
   ({"collect.behaviour.num_envs": 0}, "config.collect.behaviour.num_envs=0"),
+  ({"env.backend": "cuda"}, f"config.env.backend='cuda' must be one of {BACKENDS}"),
+  ({"collect.env.backend": "MJX"}, f"config.env.backend='MJX' must be one of {BACKENDS}"),
 ]
 ADAPT = [
   ({"pretrain.workdir": "/nonexistent/run"}, "no pretraining run at /nonexistent/run"),
@@ -113,6 +117,7 @@ ADAPT = [
   ({"adapt.sac.discount": 1.0}, "config.adapt.sac.discount=1.0"),
   ({"adapt.sac.hidden": 0}, "config.adapt.sac.hidden=0"),
   ({"eval.every": 300}, "config.eval.every=300 must be a positive multiple of run.chunk=250"),
+  ({"env.backend": "warp"}, f"config.env.backend='warp' must be one of {BACKENDS}"),
 ]
 
 
@@ -182,6 +187,10 @@ def _run(*args, cwd):
       ["--config.world_model.deterr=3"],
       "error: --config.world_model.deterr: config.world_model has no field 'deterr'; did you "
       "mean --config.world_model.deter?",
+    ),
+    (
+      ["--config.env.backend=gpu"],
+      "error: config.env.backend='gpu' must be one of ('auto', 'mjx', 'mujoco')",
     ),
     (
       ["--config.train.num_devices=1000"],  # checked after joining a multi-host run, if any

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
+import json
 import os
 import shutil
 
@@ -17,7 +19,8 @@ from mrcom_jax.agents import sac as sac_lib
 from mrcom_jax.data import dataset as dataset_lib
 from mrcom_jax.envs import scenarios as scen
 from mrcom_jax.training import checkpoint as checkpoint_lib
-from tests.experiments.conftest import EPISODE, pipeline_config
+from tests.envs import inject
+from tests.experiments.conftest import EPISODE, _override, pipeline_config
 
 
 class StopAfter:
@@ -67,27 +70,84 @@ def test_collection_stage_resumes_bitwise_after_a_kill(pipeline, tmp_path):
       np.testing.assert_array_equal(getattr(d1.chunk(i), field), getattr(d2.chunk(i), field))
 
 
+class NaNAt:
+  """A runner whose `run` number `at` (1-based) starts from a NaN joint velocity of `member`
+  (`tests/envs/inject.nan_qvel`: the state the simulation continues from, on either backend)."""
+
+  def __init__(self, runner, at: int, member: int):
+    self.runner, self.at, self.member, self.calls = runner, at, member, 0
+
+  def __getattr__(self, name):
+    return getattr(self.runner, name)
+
+  def run(self, state, params, controls):
+    self.calls += 1
+    if self.calls == self.at:
+      data = inject.nan_qvel(state.env.data, self.member)
+      state = state.replace(env=state.env.replace(data=data))
+    return self.runner.run(state, params, controls)
+
+
+def test_a_job_or_dataset_resumes_only_on_its_own_backend(pipeline, tmp_path):
+  """A job stopped after its first period, rerun on the other backend: its stream and its
+  checkpoints (env states of the backend it started on) are refused, each in one line naming
+  both backends and the fix, before a runner is built for the other backend or a file changes."""
+  cc = pipeline.config.collect
+  backend = collect.resolved_backend(cc)
+  other = {"mjx": "mujoco", "mujoco": "mjx"}[backend]
+  switched = _override(copy.deepcopy(cc).unlock(), {"env.backend": other})
+  workdir = str(tmp_path / "job")
+  path = os.path.join(workdir, "stream")
+  writer = collect.open_writer(path, "cheetah", "behaviour", cc.episode_length,
+                               {"backend": backend})  # fmt: skip
+  with pytest.raises(collect.StageStopped):
+    collect.run_job(cc, _job(cc, writer), 8.0, workdir, stop=StopAfter(1), seed=3)
+  with open(os.path.join(workdir, collect.BACKEND_FILE)) as f:
+    assert json.load(f) == {"backend": backend}
+  assert dataset_lib.Dataset.open(path, allow_incomplete=True).info["backend"] == backend
+  before, built = _listing(workdir), collect._runner.cache_info().currsize
+  fix = f"resume it with --config.env.backend={backend}, or remove "
+  with pytest.raises(collect.BackendSwitch) as e:
+    collect.open_writer(path, "cheetah", "behaviour", cc.episode_length, {"backend": other})
+  message = str(e.value)
+  assert message.startswith(f"{path} was started on the {backend!r} simulation backend and this "
+                            f"run asks for {other!r}") and fix in message  # fmt: skip
+  with pytest.raises(collect.BackendSwitch) as e:
+    collect.run_job(switched, _job(switched, None), 8.0, workdir, seed=3)
+  message = str(e.value)
+  assert message.startswith(f"{workdir} was started on the {backend!r}") and fix in message
+  assert "\n" not in message and isinstance(e.value, ValueError)
+  assert _listing(workdir) == before and collect._runner.cache_info().currsize == built
+
+
+def _listing(root: str) -> dict[str, int]:
+  """Every file under `root` with its modification time (ns)."""
+  return {
+    os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns
+    for d, _, fs in os.walk(root)
+    for f in fs
+  }
+
+
 def test_a_diverged_episode_is_dropped_and_the_stage_completes(tmp_path, monkeypatch):
-  """A NaN model parameter (member 2 of period 1) diverges that member's episode: the stage
-  completes, reports one dropped episode, and writes every other episode as whole streams."""
-  cc = pipeline_config().collect
-  real, calls = collect.make_params, []
+  """A NaN joint velocity a third into member 2's period-1 episode (3 chunks of 17 records per
+  episode; the 5th chunk starts from it) diverges that episode: the stage completes, reports one
+  dropped episode, and writes every other episode as whole streams. Backend-neutral: the NaN is
+  injected into the env state, on the configured (default) backend."""
+  cc = pipeline_config(**{"collect.chunk": 17}).collect
+  real, runners = collect.get_runner, []
 
-  def make_params(*args, **kwargs):  # run_job builds period p's params at its (p + 1)-th call
-    params = real(*args, **kwargs)
-    calls.append(len(calls))
-    if len(calls) == 2:
-      mass = params.model.body_mass.at[2].set(np.nan)
-      params = params.replace(model=params.model.replace(body_mass=mass))
-    return params
+  def get_runner(*args):
+    runners.append(NaNAt(real(*args), at=5, member=2))
+    return runners[-1]
 
-  monkeypatch.setattr(collect, "make_params", make_params)
+  monkeypatch.setattr(collect, "get_runner", get_runner)
   path = str(tmp_path / "stream")
   writer = collect.open_writer(path, "cheetah", "behaviour", cc.episode_length, {})
   job = dataclasses.replace(_job(cc, writer), periods=2)
   result = collect.run_job(cc, job, 8.0, str(tmp_path), seed=3)
   writer.close({"dropped_episodes": result["dropped_episodes"]})
-  assert result["dropped_episodes"] == 1 and len(calls) == 2
+  assert result["dropped_episodes"] == 1 and [r.calls for r in runners] == [6]
   assert len(result["returns"][1][0]) == 3  # period 1: 3 of the 4 slots' episodes
   ds = dataset_lib.Dataset.open(path)
   assert ds.info["dropped_episodes"] == 1
@@ -134,7 +194,7 @@ def test_v_max_is_the_deterministic_mean_speed_of_its_window(tmp_path):
   meta = collect.stage_v_max(cc, str(tmp_path), ("cheetah",), stop=None)
   v = meta["cheetah"]
   assert v["source"] == "measured" and v["dropped_episodes"] == 0
-  runner = collect.get_runner("cheetah", collect.recipe(cc, "behaviour"))
+  runner = collect.get_runner(cc, "cheetah", collect.recipe(cc, "behaviour"))
   members = [scen.Scenario("cheetah", 1.0, 1.0, 1.0)] * cc.behaviour.num_envs
   params = collect.make_params(cc, "cheetah", members, 1.0, "suite")
   like = runner.init(params, jax.random.PRNGKey(0))
@@ -281,7 +341,7 @@ def test_job_modes_train_only_in_train(tmp_path):
   trained = collect.run_job(cc, job, 8.0, str(tmp_path / "train"), seed=3)
   state = jax.device_get(trained.pop("final_state"))
   (snap,) = trained["snapshots"]
-  init = collect.get_runner("cheetah", job.rc).init(
+  init = collect.get_runner(cc, "cheetah", job.rc).init(
     collect.make_params(cc, "cheetah", job.scenarios(0), 8.0, "target_speed"),
     jax.random.PRNGKey(3),
   )

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from experiments import collect, pretrain
+from mrcom_jax.data import dataset as dataset_lib
 from mrcom_jax.training import checkpoint, logs
 from tests.experiments.conftest import pipeline_config
 from tests.training import test_checkpoint
@@ -77,6 +78,33 @@ def test_smoke_collects_trains_and_checkpoints(pipeline):
   rand = collect.read_metadata(pipeline.data_dir, "random_returns")
   for domain in ("hopper", "walker", "cheetah"):
     assert spec[domain]["a/0"]["random_return"] == rand[domain]["a/0"]
+
+
+def test_the_resolved_backend_is_recorded(pipeline):
+  """The pipeline runs on the default `env.backend` ('auto': mujoco on a CPU, mjx on a GPU or
+  TPU); run_info.json, summary.json, every dataset and every collection job record it."""
+  c, w = pipeline.config, pipeline.workdir
+  backend = "mujoco" if jax.default_backend() == "cpu" else "mjx"
+  assert c.env.backend == c.collect.env.backend == "auto"
+  assert collect.resolved_backend(c.collect) == backend
+  domains = ("hopper", "walker", "cheetah")
+  with open(os.path.join(w, "run_info.json")) as f:
+    info = json.load(f)["invocations"][0]
+  with open(os.path.join(w, "summary.json")) as f:
+    summary = json.load(f)
+  for record in (info, summary, pipeline.run.summary):
+    assert record["env_backend"] == backend
+    assert record["data_backends"] == {d: backend for d in domains}
+  jobs = [os.path.join(*p) for d in domains
+          for p in (("behaviour", "narrow", d), ("random", d), ("specialists", d, "lists"),
+                    ("specialists", d, "lists", "eval_mode2"))]  # fmt: skip
+  for job in jobs:
+    with open(os.path.join(pipeline.data_dir, job, collect.BACKEND_FILE)) as f:
+      assert json.load(f) == {"backend": backend}, job
+  for d in domains:
+    for path in (collect.dataset_path(pipeline.data_dir, "narrow", d, "mix"),
+                 os.path.join(pipeline.data_dir, "behaviour", "narrow", d, "stream")):  # fmt: skip
+      assert dataset_lib.Dataset.open(path).info["backend"] == backend, path
 
 
 def test_resume_after_stop_is_bitwise(pipeline, tmp_path):
