@@ -23,6 +23,10 @@ its checkpoints and resumes.
 
 Every run of a sweep shares one data directory (`<root>/data`, made once with seed 0, PROTOCOL.md):
 make it first with `python -m experiments.collect` (the launchers' `collect_args`).
+
+Simulation backend: every entry point has `env.backend` (default `auto`: `mjx` on a GPU or TPU
+node, `mujoco` on a CPU-only one), so a sweep normally sets nothing; `--set env.backend=mjx`
+pins it for every point and the collect job alike (`collect_args(..., backend=...)`).
 """
 
 from __future__ import annotations
@@ -222,10 +226,12 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
   return out
 
 
-def collect_args(root: str, preset: str = "default") -> list[str]:
-  """`experiments.collect`'s arguments for the sweep's shared data directory."""
+def collect_args(root: str, preset: str = "default", backend: str = "") -> list[str]:
+  """`experiments.collect`'s arguments for the sweep's shared data directory; `backend` ('' =
+  the config's, auto) sets `env.backend`, as `--set env.backend=...` does for the points."""
   config = "experiments/configs/collect.py" + ("" if preset == "default" else f":{preset}")
-  return [f"--config={config}", f"--data_dir={root.rstrip('/')}/data"]
+  override = [f"--config.env.backend={backend}"] if backend else []
+  return [f"--config={config}", *override, f"--data_dir={root.rstrip('/')}/data"]
 
 
 def check_args(entry: str, args: list[str]):

@@ -111,7 +111,8 @@ def main(argv) -> None:
   entry = _ENTRY.value
   os.chdir(REPO)  # config paths in the argument lists are relative to the repository
   if entry == "collect":
-    jobs = [("collect", sweep.collect_args(_ROOT.value, _PRESET.value))]
+    backend = _overrides(_SET.value).get("env.backend", "")  # the rest are the points' fields
+    jobs = [("collect", sweep.collect_args(_ROOT.value, _PRESET.value, backend))]
   else:
     seeds, extra = [int(s) for s in _SEEDS.value], _overrides(_SET.value)
     try:

@@ -11,7 +11,8 @@ adaptation uses the first). Several nodes (`--nodes=N`, pretraining only): one J
 GPU (`--ntasks-per-node=--gpus`, `--gpus-per-node=--gpus`) started by `srun`;
 `experiments.pretrain` calls `jax.distributed.initialize()`, which reads Slurm's variables and
 gives each process the GPU numbered by its SLURM_LOCALID. `--set key=value` adds a
-config override to every point (e.g. `--set train.num_updates=2000`).
+config override to every point (e.g. `--set train.num_updates=2000`); `--set env.backend=mjx`
+reaches the collect job too (the default, auto, is mjx on a GPU node and mujoco without one).
 """
 
 from __future__ import annotations
@@ -95,8 +96,9 @@ def write_sweep(points: list[sweep.Point], out: str, **job) -> list[str]:
   collect = os.path.join(out, "collect.sbatch")
   collect_job = dict(job, nodes=1)
   with open(collect, "w") as f:
-    f.write(render("collect", "collect", sweep.collect_args(root, points[0].preset), root,
-                   workdir=False, **collect_job))  # fmt: skip
+    backend = dict(points[0].extra).get("env.backend", "")  # `--set env.backend=...`
+    args = sweep.collect_args(root, points[0].preset, backend)
+    f.write(render("collect", "collect", args, root, workdir=False, **collect_job))
   for p in points:
     path = os.path.join(out, f"{p.name}.sbatch")
     args = p.args()[:-1]  # the script derives --workdir from the job

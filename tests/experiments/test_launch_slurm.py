@@ -139,3 +139,28 @@ def test_set_overrides_reach_every_script_as_text(tmp_path, capsys):
   with pytest.raises(SystemExit):
     generate.main(["--entry=pretrain", "--root=/r", f"--out={out}", "--set", "oops"])
   assert "expected KEY=VALUE" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("entry", sweep.ENTRIES)
+def test_a_pinned_backend_reaches_every_script(entry, tmp_path, monkeypatch):
+  """No override: the configs' `auto` (mjx on a GPU node). `--set env.backend=mujoco`: every
+  point's arguments and the collect job's set it, and each entry point's parser accepts them
+  (pretraining's `env.backend` is its collection's)."""
+  monkeypatch.chdir(REPO)
+  args = [f"--entry={entry}", "--seeds=0", "--settings=a", "--root=/r"]
+  generate.main([*args, f"--out={tmp_path / 'auto'}"])
+  assert "backend" not in "".join(p.read_text() for p in (tmp_path / "auto").iterdir())
+  generate.main([*args, f"--out={tmp_path / 'pinned'}", "--set", "env.backend=mujoco"])
+  scripts = {p.name: p.read_text() for p in (tmp_path / "pinned").glob("*.sbatch")}
+  assert len(scripts) == 2 and all("--config.env.backend=mujoco \\" in t for t in scripts.values())
+  (point,) = sweep.points(entry, [0], ["a"], ["mrcom"], "/r", extra={"env.backend": "mujoco"})
+  config, _ = sweep.check_args(entry, point.args())
+  assert config.env.backend == "mujoco"
+  if entry == "pretrain":
+    assert config.collect.env.backend == "mujoco"
+  assert sweep.collect_args("/r", backend="mjx") == [
+    "--config=experiments/configs/collect.py", "--config.env.backend=mjx", "--data_dir=/r/data"
+  ]  # fmt: skip
+  bad = [*point.args()[:-1], "--config.env.backend=gpu", point.args()[-1]]
+  with pytest.raises(ValueError, match=r"config.env.backend='gpu' must be one of"):
+    sweep.check_args(entry, bad)
