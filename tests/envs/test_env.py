@@ -1,4 +1,5 @@
-"""The batched MJX environments: shapes, episodes, divergence, recompilation and errors."""
+"""The batched environments on both backends: shapes, episodes, divergence, recompilation and
+errors (the `backend` fixture of conftest.py runs each test on `mjx` and on `mujoco`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import numpy as np
 import pytest
 
 from mrcom_jax.envs import env as env_lib
-from mrcom_jax.envs import obs_functions, scenarios, specs
+from mrcom_jax.envs import host, obs_functions, scenarios, specs
+from tests.envs import inject
 from tests.envs.conftest import N, stepper
 
 
@@ -41,6 +43,13 @@ def test_every_observation_function_steps_without_nan(domain_stepper):
   np.testing.assert_array_equal(np.asarray(params.xi[:, d.id]), 1.0)
 
 
+def _geom_size(params):
+  """[N, ngeom, 3] the members' geom sizes, read from either backend's models."""
+  if isinstance(params.model, jax.Array):  # mujoco: [N] int32 handles of MjModels on the host
+    return np.stack([host.model(h).geom_size for h in np.asarray(params.model)])
+  return np.asarray(params.model.geom_size)
+
+
 def test_new_scenarios_of_the_same_size_do_not_recompile(domain_stepper):
   s = domain_stepper
   a = s.params(seed=1)
@@ -50,11 +59,11 @@ def test_new_scenarios_of_the_same_size_do_not_recompile(domain_stepper):
   state = s.step(b, state, jnp.zeros((N, s.env.domain.act_dim)))
   s.reset(b, jax.random.PRNGKey(2))
   assert s.traces == traces
-  assert not np.allclose(np.asarray(a.model.geom_size), np.asarray(b.model.geom_size))
+  assert not np.allclose(_geom_size(a), _geom_size(b))
 
 
-def test_episodes_truncate_and_restart():
-  s = stepper("hopper")
+def test_episodes_truncate_and_restart(backend):
+  s = stepper("hopper", backend)
   params = s.params(episode_length=3)
   state = s.reset(params, jax.random.PRNGKey(3))
   flags = []
@@ -75,8 +84,8 @@ def test_episodes_truncate_and_restart():
   np.testing.assert_array_equal(np.asarray(state.stream_step), 8)
 
 
-def test_reset_distribution_matches_the_suite():
-  s = stepper("walker")
+def test_reset_distribution_matches_the_suite(backend):
+  s = stepper("walker", backend)
   params = s.params([scenarios.Scenario("walker")] * N)
   data = s.reset(params, jax.random.PRNGKey(4)).data
   m = s.env.template
@@ -90,13 +99,12 @@ def test_reset_distribution_matches_the_suite():
   np.testing.assert_array_equal(np.asarray(data.qvel), 0.0)
 
 
-def test_divergence_resets_that_env_alone():
-  s = stepper("cheetah")
+def test_divergence_resets_that_env_alone(backend):
+  s = stepper("cheetah", backend)
   params = s.params()
   state = s.reset(params, jax.random.PRNGKey(5))
   state = s.step(params, state, jnp.zeros((N, 6)))
-  bad = state.data.qvel.at[3].set(jnp.nan)
-  state = state.replace(data=state.data.replace(qvel=bad))
+  state = state.replace(data=inject.nan_qvel(state.data, 3))
   nxt = s.step(params, state, jnp.zeros((N, 6)))
   assert np.isfinite(np.asarray(nxt.obs)).all() and np.isfinite(np.asarray(nxt.reward)).all()
   assert nxt.diverged.tolist() == [i == 3 for i in range(N)]
@@ -106,8 +114,8 @@ def test_divergence_resets_that_env_alone():
   assert np.isfinite(np.asarray(after.data.qvel)).all()
 
 
-def test_speed_stand_and_upright_equal_a_hand_computation():
-  s = stepper("walker")
+def test_speed_stand_and_upright_equal_a_hand_computation(backend):
+  s = stepper("walker", backend)
   params = s.params()
   state = s.reset(params, jax.random.PRNGKey(6))
   for k in range(10):
@@ -134,8 +142,8 @@ def test_speed_stand_and_upright_equal_a_hand_computation():
   np.testing.assert_allclose(float(state.reward[i]), stand * (5 * move + 1) / 6, atol=1e-4)
 
 
-def test_bad_input_fails_before_compiling():
-  env = env_lib.make_env("hopper")
+def test_bad_input_fails_before_compiling(backend):
+  env = env_lib.make_env("hopper", backend=backend)
   params = env.make_params([scenarios.Scenario("hopper")] * 2)
   state = jax.eval_shape(env.initial, params, jax.random.PRNGKey(0))
   with pytest.raises(ValueError, match=r"hopper action must have shape \[N, 4\]"):
