@@ -7,10 +7,12 @@
 
 A *pair* is one (target scenario, seed): one real environment, one SAC, one real stream and one
 model buffer. The P pairs are ordered domain-major (`spec.domains`); each domain's pairs form one
-MJX sub-batch (different robots cannot share an `mjx.Model`), and everything else (SAC updates,
-acting, world-model filtering and imagination) is `vmap`ped over all P pairs at once, on padded
-observations [27] and actions [6] with per-pair masks. Pairs step in lockstep, so every schedule
-(random steps, rollout rounds, updates) is a scalar predicate and a `lax.cond` really skips work.
+env sub-batch on the program's simulation backend (different robots cannot share a batch: one
+`mjx.Model` template on MJX, one state size on the `mujoco` backend), and everything else (SAC
+updates, acting, world-model filtering and imagination) is `vmap`ped over all P pairs at once, on
+padded observations [27] and actions [6] with per-pair masks. Pairs step in lockstep, so every
+schedule (random steps, rollout rounds, updates) is a scalar predicate and a `lax.cond` really
+skips work.
 
 One TRAIN iteration (one real step of every pair), with `s_{t-1}` and its action in the carry:
 1. `s_t = env.step(s_{t-1}, a_{t-1})` per domain sub-batch; the record (o_t, r_t, first, last)
@@ -61,6 +63,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from mrcom_jax.agents import runner as runner_lib
 from mrcom_jax.agents import sac as sac_lib
 from mrcom_jax.envs import env as env_lib
 from mrcom_jax.envs import obs_functions, specs
@@ -397,7 +400,8 @@ class Program:
     spec = self.spec
     if len(env_params) != len(spec.domains):
       raise ValueError(f"{len(env_params)} env params for {len(spec.domains)} domains")
-    for (name, n), p in zip(spec.domains, env_params):
+    for (name, n), p, env in zip(spec.domains, env_params, self.envs):
+      runner_lib.check_backend(env, p)
       if p.v_target.shape[0] != n:
         raise ValueError(f"{name}: env params hold {p.v_target.shape[0]} scenarios, need {n}")
     if spec.finetune_updates:

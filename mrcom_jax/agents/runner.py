@@ -55,6 +55,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from mrcom_jax.agents import sac as sac_lib
@@ -195,6 +196,18 @@ class ChunkOut:
   agent_metrics: dict[str, jax.Array]
 
 
+def check_backend(env: env_lib.Env, env_params: env_lib.EnvParams) -> None:
+  """Raises ValueError unless `env_params` come from an env of `env`'s simulation backend (the
+  `mujoco` backend's models are int32 handles, MJX's an `mjx.Model`), which the program would
+  otherwise reject with a pytree-structure error deep inside its trace."""
+  made_for = "mujoco" if isinstance(env_params.model, jax.Array | np.ndarray) else "mjx"
+  if made_for != env.backend:
+    raise ValueError(
+      f"env_params were made by a {made_for!r}-backend env, but this program steps the "
+      f"{env.backend!r} backend: build them with its own env's make_params"
+    )
+
+
 def hold_diverged(
   prev: env_lib.EnvState, stepped: env_lib.EnvState, env_params: env_lib.EnvParams
 ) -> env_lib.EnvState:
@@ -270,6 +283,7 @@ class Runner:
     return self.config.num_agents * self.config.num_envs
 
   def _check_params(self, env_params: env_lib.EnvParams) -> None:
+    check_backend(self.env, env_params)
     n = env_params.v_target.shape[0]
     if n != self.batch_size:
       raise ValueError(

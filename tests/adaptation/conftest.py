@@ -1,10 +1,12 @@
 """Session fixtures of the adaptation-program tests: plain-SAC programs on cheetah.
 
-Compilation dominates on CPU (about 50 s per program), so the tests share two programs: two
-(scenario, seed) pairs in one call (`plain2`) and one pair (`plain1`, for the one-by-one
-comparison). Both take 250-step episodes, 4 chunks of 250 real steps, no world model and no
-prompt: the learning threshold, the vmap equality and exact resume need no pretrained model. The
-rollout programs are tested on the shared pretraining run in tests/experiments/test_adapt.py.
+Compilation dominates on CPU (10–20 s per program on the `mujoco` backend, 50–130 s on MJX), so
+the tests share three programs: two (scenario, seed) pairs in one call (`plain2`), one pair
+(`plain1`, for the one-by-one comparison), both on the `mujoco` backend, and `plain2` on MJX
+(`plain2_mjx`, for the comparison of the backends and MJX's exact resume). They take 250-step
+episodes, chunks of 250 real steps, no world model and no prompt: the learning threshold, the vmap
+equality and exact resume need no pretrained model. The rollout programs are tested on the shared
+pretraining run in tests/experiments/test_adapt.py.
 """
 
 from __future__ import annotations
@@ -40,10 +42,16 @@ def pair_keys(seeds) -> np.ndarray:
 
 
 def params_for(
-  program: program_lib.Program, seeds, random_steps=500, update_after=50, episode_length=EPISODE
+  program: program_lib.Program,
+  seeds,
+  random_steps=500,
+  update_after=50,
+  episode_length=EPISODE,
+  scenarios=None,
 ):
+  """AdaptParams of one pair per seed, at `SCENARIO` (or `scenarios`, one per seed)."""
   env = program.envs[0]
-  p = env.make_params([SCENARIO] * len(seeds), episode_length=episode_length)
+  p = env.make_params(scenarios or [SCENARIO] * len(seeds), episode_length=episode_length)
   p = p.replace(stream=np.asarray([1000 + s for s in seeds], np.int32))
   return program.make_params(
     [p], pair_keys(seeds), [0] * len(seeds), random_steps=random_steps, update_after=update_after
@@ -52,9 +60,14 @@ def params_for(
 
 @pytest.fixture(scope="session")
 def plain2() -> program_lib.Program:
-  return program_lib.make_program(plain_spec(2))
+  return program_lib.make_program(plain_spec(2), backend="mujoco")
 
 
 @pytest.fixture(scope="session")
 def plain1() -> program_lib.Program:
-  return program_lib.make_program(plain_spec(1))
+  return program_lib.make_program(plain_spec(1), backend="mujoco")
+
+
+@pytest.fixture(scope="session")
+def plain2_mjx() -> program_lib.Program:
+  return program_lib.make_program(plain_spec(2), backend="mjx")

@@ -1,10 +1,15 @@
-"""Session fixtures for the agent tests: one compiled cheetah runner shared by every test.
+"""Session fixtures for the agent tests: one compiled cheetah runner per backend, shared by all.
 
-Compilation dominates on CPU (the runner's program holds an MJX step and the SAC update), so
-all runner tests, the SAC-learns test included, use this one RunnerConfig: A = 2 agents × N = 4
-envs, chunks of 251 iterations (one 250-step episode per chunk), the smoke preset's 2×64 networks
-and batch 64, and 4 updates per iteration (1 per env step). Episode length and every other
-scenario property are data, so the tests' different env params reuse the same program.
+Compilation dominates on CPU (the runner's program holds the env step and the SAC update: about
+10 s on the `mujoco` backend, 50–130 s on MJX), so all runner tests, the SAC-learns test
+included, use this one RunnerConfig: A = 2 agents × N = 4 envs, chunks of 251 iterations (one
+250-step episode per chunk), the smoke preset's 2×64 networks and batch 64, and 4 updates per
+iteration (1 per env step). Episode length and every other scenario property are data, so the
+tests' different env params reuse the same program.
+
+The tests about the runner itself run on the `mujoco` backend (`runner`, `trained`); those about
+the backends take `runners(backend)` and `trained_runs(backend)`, which compile a backend's
+program on first use.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ CONFIG = runner_lib.RunnerConfig(
   updates_per_iter=4,
   sac=sac_lib.SACConfig(hidden=(64, 64), batch_size=64),
 )
+# The backends: MJX's variant of a test that only repeats the runner's logic is `slow`.
+BACKENDS = ["mujoco", pytest.param("mjx", marks=pytest.mark.slow)]
 
 
 def copy(tree):
@@ -36,15 +43,32 @@ def copy(tree):
   return jax.tree.map(np.array, jax.device_get(tree))
 
 
-@pytest.fixture(scope="session")
-def runner() -> runner_lib.Runner:
-  return runner_lib.make_runner(env_lib.make_env("cheetah"), CONFIG)
-
-
 def cheetah_params(runner, episode_length: int, beta: float = 0.5):
   """Default morphology, target speed β · v_max, all A·N members alike."""
   scenario = scenarios.Scenario("cheetah", 1.0, 1.0, beta)
   return runner.env.make_params([scenario] * (A * N), episode_length=episode_length)
+
+
+def _cached(make):
+  cache = {}
+
+  def get(backend: str):
+    if backend not in cache:
+      cache[backend] = make(backend)
+    return cache[backend]
+
+  return get
+
+
+@pytest.fixture(scope="session")
+def runners():
+  """`runners(backend)`: the session's cheetah runner on 'mjx' or 'mujoco'."""
+  return _cached(lambda b: runner_lib.make_runner(env_lib.make_env("cheetah", backend=b), CONFIG))
+
+
+@pytest.fixture(scope="session")
+def runner(runners) -> runner_lib.Runner:
+  return runners("mujoco")
 
 
 @pytest.fixture(scope="session")
@@ -54,16 +78,28 @@ def short_params(runner):
 
 
 @pytest.fixture(scope="session")
-def trained(runner, short_params):
-  """Two TRAIN chunks from `init(key 0)` (random for the first 200 env steps per agent).
+def trained_runs(runners):
+  """`trained_runs(backend)`: two TRAIN chunks from `init(key 0)` at 20-step episodes (random
+  for the first 200 env steps per agent).
 
   Returns host copies: (initial state, final state, [out_1, out_2]).
   """
-  state = runner.init(short_params, jax.random.PRNGKey(0))
-  initial = copy(state)
-  controls = runner_lib.make_controls("train", random_steps=200)
-  outs = []
-  for _ in range(2):
-    state, out = runner.run(state, short_params, controls)
-    outs.append(copy(out))
-  return initial, copy(state), outs
+
+  def make(backend):
+    runner = runners(backend)
+    params = cheetah_params(runner, 20)
+    state = runner.init(params, jax.random.PRNGKey(0))
+    initial = copy(state)
+    controls = runner_lib.make_controls("train", random_steps=200)
+    outs = []
+    for _ in range(2):
+      state, out = runner.run(state, params, controls)
+      outs.append(copy(out))
+    return initial, copy(state), outs
+
+  return _cached(make)
+
+
+@pytest.fixture(scope="session")
+def trained(trained_runs):
+  return trained_runs("mujoco")

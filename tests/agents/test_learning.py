@@ -1,15 +1,17 @@
 """SAC learns: cheetah at the default morphology, target speed β = 0.5 (v* = 4 m/s).
 
-The session's runner (A = 2 agents × 4 envs, 2×64 networks, batch 64, 4 updates per iteration,
-i.e. 1 per env step) trains from key 0 for 24 chunks of 251 iterations: 6024 iterations, about
-24k env steps and 24k updates per agent, the first 1000 env steps uniform. Each chunk is exactly
-one 250-step episode per member, so a mode switch between chunks gives clean episodes.
+The session's runner (`mujoco` backend, A = 2 agents × 4 envs, 2×64 networks, batch 64, 4
+updates per iteration, i.e. 1 per env step) trains from key 0 for 24 chunks of 251 iterations:
+6024 iterations, about 24k env steps and 24k updates per agent, the first 1000 env steps uniform.
+Each chunk is exactly one 250-step episode per member, so a mode switch between chunks gives
+clean episodes.
 
 Measured here (key 0, 2-core CPU shared with other jobs): uniform-random return 2.23 per
-250-step episode (mean of 8 members); deterministic return after training 48.2 (agent means 63
-and 33; 21×); about 70 s of training (2.5–3 s per chunk) after a 45–60 s cold compile. Other keys
-(outside this test's mode sequence) gave 2.8 → 28 and 2.5 → 60 after 24 chunks; the weakest agent
-seen was at 2.7× its random return, so the test asserts 3× on the mean over both agents.
+250-step episode (mean of 8 members); deterministic return after training 30.4 (agent means 17
+and 44; 14×); about 60 s of training after a 10 s compile. On MJX (before the `mujoco` backend):
+2.23 → 48.2 (agent means 63 and 33; 21×); other keys (outside this test's mode sequence) gave
+2.8 → 28 and 2.5 → 60 after 24 chunks; the weakest agent seen was at 2.7× its random return, so
+the test asserts 3× on the mean over both agents.
 """
 
 from __future__ import annotations

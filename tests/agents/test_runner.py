@@ -7,7 +7,10 @@ import numpy as np
 import pytest
 
 from mrcom_jax.agents import runner as runner_lib
-from tests.agents.conftest import CHUNK, CONFIG, A, N, cheetah_params, copy
+from mrcom_jax.envs import env as env_lib
+from mrcom_jax.envs import scenarios
+from tests.agents.conftest import BACKENDS, CHUNK, CONFIG, A, N, cheetah_params, copy
+from tests.envs import inject
 
 RECORDS = 21  # records per episode at episode_length 20: first … last
 
@@ -102,13 +105,23 @@ def test_modes_without_updates_keep_params(runner, trained, short_params, mode):
     np.testing.assert_array_equal(again.action, out.action)
 
 
-def test_resume_is_bitwise(runner, trained, short_params):
-  initial, final, outs = trained
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resume_is_bitwise(runners, trained_runs, backend):
+  """Stopped on a chunk boundary (mid-episode: record 250 of 20-step episodes), saved as numpy
+  (every leaf through the host, as a checkpoint holds it) and continued, the run equals the
+  uninterrupted one bitwise: parameters, replay, env state (the `mujoco` backend's exact float64
+  state and warm start included) and records. Between stop and restart another run steps the
+  same models, as a restored process would have: nothing of the run may live outside its state
+  (e.g. in the backend's host-side MjData)."""
+  runner = runners(backend)
+  initial, final, outs = trained_runs(backend)
+  params = cheetah_params(runner, 20)
   controls = runner_lib.make_controls("train", random_steps=200)
-  state, out_1 = runner.run(copy(initial), short_params, controls)
+  state, out_1 = runner.run(copy(initial), params, controls)
   saved = copy(state)  # what a checkpoint holds
   del state
-  state, out_2 = runner.run(saved, short_params, controls)
+  runner.run(runner.init(params, jax.random.PRNGKey(7)), params, controls)
+  state, out_2 = runner.run(saved, params, controls)
   jax.tree.map(np.testing.assert_array_equal, copy(state), final)
   jax.tree.map(np.testing.assert_array_equal, (copy(out_1), copy(out_2)), tuple(outs))
   assert runner.compiles() == 1  # fresh, run-output and restored (numpy) states: one program
@@ -134,20 +147,26 @@ def test_config_checks(runner, short_params):
     runner_lib.make_runner(runner.env, CONFIG.__class__(domain="walker"))
   with pytest.raises(ValueError, match="mode"):
     runner_lib.make_controls(7)
+  mjx_params = env_lib.make_env("cheetah", backend="mjx").make_params(
+    [scenarios.Scenario("cheetah")] * A * N
+  )
+  with pytest.raises(ValueError, match="'mjx'-backend env"):  # params of the other backend
+    runner.init(mjx_params, jax.random.PRNGKey(0))
 
 
-def test_diverged_member_waits_out_its_episode(runner):
-  """A NaN injected mid-episode (as the env tests do): that member's episode keeps its 301
+@pytest.mark.parametrize("backend", ["mujoco", "mjx"])
+def test_diverged_member_waits_out_its_episode(runners, backend):
+  """A NaN injected mid-episode into member 3's joint velocity (`inject.nan_qvel`, as the env
+  tests do, into the state the backend continues from): that member's episode keeps its 301
   records (marked `diverged` from the divergence on, reward 0, finite), restarts on the grid
   with the others, and the replay stores none of its later transitions."""
+  runner = runners(backend)
   params = cheetah_params(runner, 300)  # records 0…300 are episode 1, 301… episode 2
   state, _ = runner.run(
     runner.init(params, jax.random.PRNGKey(1)), params, runner_lib.make_controls("explore")
   )
-  state = copy(state)  # after records 0…250: every member at t = 250, mid-episode
-  qvel = np.array(state.env.data.qvel)
-  qvel[3] = np.nan
-  state = state.replace(env=state.env.replace(data=state.env.data.replace(qvel=qvel)))
+  # after records 0…250: every member at t = 250, mid-episode
+  state = state.replace(env=state.env.replace(data=inject.nan_qvel(state.env.data, member=3)))
   controls = runner_lib.make_controls("train", random_steps=10**6)
   final, out = runner.run(state, params, controls)
   diverged, last, first = (np.asarray(getattr(out, f)) for f in ("diverged", "last", "first"))
