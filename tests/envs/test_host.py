@@ -20,7 +20,8 @@ import mujoco
 import numpy as np
 import pytest
 
-from mrcom_jax.envs import host, specs
+from mrcom_jax.envs import env as env_lib
+from mrcom_jax.envs import host, scenarios, specs
 from tests.envs import inject
 from tests.envs.conftest import N, stepper
 
@@ -183,14 +184,16 @@ def test_the_warm_start_is_carried():
 def test_mujoco_c_stepped_by_hand_is_the_backend(domain):
   """From the same reset (the reset pose, zero velocity; the hopper also takes the suite's
   forward pass for its touch sensors), `mj_step` n_substeps times per control step with the warm
-  start carried in its `MjData` gives the backend's exact states bitwise for 10 control steps."""
+  start carried in its `MjData` gives the backend's exact states bitwise for 10 control steps,
+  on setting (d)'s morphologies."""
   s = stepper(domain, "mujoco")
   spec = s.env.domain
-  p = s.params(seed=5)
+  members = scenarios.get_distribution("d", "eval").sample(np.random.default_rng(5), domain, N)
+  p = s.params(members)
   state = s.reset(p, jax.random.PRNGKey(5))
   cs = []
-  for i in range(N):
-    m = host.model(int(p.model[i]))
+  for i, sc in enumerate(members):  # the models built from the scenarios, not the handles
+    m = env_lib._model(domain, sc.alpha_len, sc.alpha_size, s.env.mass_rule, s.env.solver)
     d = mujoco.MjData(m)
     d.qpos[:] = np.asarray(state.data.qpos[i], np.float64)  # the float32 reset pose
     if domain == "hopper":

@@ -124,6 +124,7 @@ def test_unknown_domain_and_mass_rule_are_refused():
 
 @pytest.mark.parametrize("domain", ["hopper", "walker", "cheetah"])
 def test_stack_and_member_round_trip(domain):
+  """MJX only: the `mjx` backend's batched model (the `mujoco` backend keeps MjModel handles)."""
   tmpl = batching.template(domain)
   models = [morphology.build_model(domain, 1.2, 0.8), morphology.build_model(domain, 0.7, 1.3)]
   batched = batching.stack(tmpl, models)
