@@ -111,8 +111,8 @@ def test_resume_is_bitwise(runners, trained_runs, backend):
   (every leaf through the host, as a checkpoint holds it) and continued, the run equals the
   uninterrupted one bitwise: parameters, replay, env state (the `mujoco` backend's exact float64
   state and warm start included) and records. Between stop and restart another run steps the
-  same models, as a restored process would have: nothing of the run may live outside its state
-  (e.g. in the backend's host-side MjData)."""
+  same models: nothing of the run may live outside its state (e.g. in the `mujoco` backend's
+  host-side MjData)."""
   runner = runners(backend)
   initial, final, outs = trained_runs(backend)
   params = cheetah_params(runner, 20)
@@ -154,7 +154,7 @@ def test_config_checks(runner, short_params):
     runner.init(mjx_params, jax.random.PRNGKey(0))
 
 
-@pytest.mark.parametrize("backend", ["mujoco", "mjx"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_diverged_member_waits_out_its_episode(runners, backend):
   """A NaN injected mid-episode into member 3's joint velocity (`inject.nan_qvel`, as the env
   tests do, into the state the backend continues from): that member's episode keeps its 301
