@@ -190,10 +190,11 @@ class _Stepper:
       jobs.get().help(self._member, k)
 
   def __call__(self, packed):
-    """The callback: unpacks `step`'s one uint32 input, steps, packs the outputs into one."""
+    """The callback: unpacks `step`'s one uint32 input (columns: handle, restart, n_phys, probe,
+    qpos_start, ctrl, exact), steps, and packs the outputs into one (`HostData`'s order)."""
     x = np.asarray(packed)
-    lead, k = x.shape[:-1], x.shape[-1]
-    x = x.reshape(-1, k)
+    lead = x.shape[:-1]
+    x = x.reshape(-1, x.shape[-1])
     m0 = model(int(x[0, 0]))
     nq, nu = m0.nq, m0.nu
     f32 = lambda a: np.ascontiguousarray(a).view(np.float32)
