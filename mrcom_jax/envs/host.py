@@ -21,27 +21,27 @@ the shared code of `env.py`.
   the adaptation program's pairs) MuJoCo gets one call for the whole batch, whose leading axes
   are flattened into members; `sequential` would call it once per vmapped element.
 
-Stepping is an `mj_step` loop over the members on the calling thread and one helper thread
-(`THREADS`; MuJoCo's functions release the GIL), each with its own long-lived `MjData`; members
-are claimed one at a time, so a helper the OS does not schedule costs nothing. A member's result
-is the same bits whichever thread steps it. `mujoco.rollout` was measured and rejected: it
-returns no final warm start (`qacc_warmstart`), so a control step could not continue exactly,
-and it stops a member at any warning. Python work per member (about 10 µs: setting and reading
-the state, the readout copies) is the cost besides the physics, and each callback array costs
+Stepping is MuJoCo's own batched loop, `mujoco.batch.Batch` (C threads, `THREADS` of them
+including the calling one, each `MjData` serving many simulations): every call loads the
+members' exact states into the batch's state rows, runs `mj_step` (and the stages the readout
+needs) per member in C, and saves the rows back; a member's result is the same bits at any
+thread count, and those of an `mj_step` loop over one `MjData` per member (tested). It replaced
+a Python `mj_step` loop, whose per-member Python work (about 10 µs) cost more than a cheetah's
+physics step; `mujoco.rollout` was measured and rejected: it returns no final warm start
+(`qacc_warmstart`), so a control step could not continue exactly. Each callback array costs
 about 20 µs on XLA's CPU, so the callback takes and returns one packed array.
 `benchmarks/envs.py` measures the callback path against raw `mujoco.rollout`.
 """
 
 from __future__ import annotations
 
-import itertools
 import os
-import queue
 import threading
 
 import jax
 import jax.numpy as jnp
 import mujoco
+import mujoco.batch
 import numpy as np
 from flax import struct
 
@@ -49,7 +49,7 @@ STATE_SPEC = int(mujoco.mjtState.mjSTATE_FULLPHYSICS | mujoco.mjtState.mjSTATE_W
 # Warnings of an unstable simulation (MuJoCo then resets it): consecutive in mjtWarning.
 _UNSTABLE = slice(int(mujoco.mjtWarning.mjWARN_BADQPOS), int(mujoco.mjtWarning.mjWARN_BADQACC) + 1)
 assert _UNSTABLE.stop - _UNSTABLE.start == 3  # BADQPOS, BADQVEL, BADQACC
-THREADS = min(2, os.cpu_count() or 1)  # threads stepping a batch (see _Stepper)
+THREADS = os.cpu_count() or 1  # threads stepping a batch, the calling one included (see _Stepper)
 
 _lock = threading.Lock()
 _models: list[mujoco.MjModel] = []
@@ -104,90 +104,66 @@ def blank(template: mujoco.MjModel, n: int) -> HostData:
   )
 
 
-class _Slot:
-  """One long-lived `MjData` with its field views made once (attribute access costs µs)."""
+def _columns(m: mujoco.MjModel) -> dict[int, np.ndarray]:
+  """The columns of each `mjtState` component in an `mjSTATE_INTEGRATION` row of `m`'s size."""
+  cols, start = {}, 0
+  for bit in range(int(mujoco.mjtState.mjNSTATE)):
+    size = mujoco.mj_stateSize(m, 1 << bit)
+    cols[1 << bit] = np.arange(start, start + size)
+    start += size
+  assert start == mujoco.mj_stateSize(m, mujoco.mjtState.mjSTATE_INTEGRATION)
+  return cols
 
-  def __init__(self, m: mujoco.MjModel):
-    self.d = d = mujoco.MjData(m)
-    self.qpos, self.qvel, self.ctrl, self.sensordata = d.qpos, d.qvel, d.ctrl, d.sensordata
-    self.xpos, self.xipos, self.xmat = d.xpos, d.xipos, d.xmat
-    self.subtree_linvel = d.subtree_linvel
-    self.warnings = d.warning.number
 
+class _Sims:
+  """A `mujoco.batch.Batch` of `n` simulations of one domain size, with its bound readout.
 
-class _Job:
-  """One call's members, claimed one at a time by whichever thread is free: a helper that the
-  OS does not schedule leaves its share to the calling thread instead of holding the call up."""
+  Its state rows (`mjSTATE_INTEGRATION`) are loaded from and saved to the env state at every
+  call; the models are the call's members' (`set_models`, redone only when they change)."""
 
-  def __init__(self, count: int, args: tuple):
-    self.count, self.args = count, args
-    self.claims = itertools.count()  # next() is atomic under the GIL
-    self.busy = 0  # helpers inside `help`, counted before they claim a member
-    self.error: BaseException | None = None
-    self.cond = threading.Condition(threading.Lock())
+  READOUT = ("sensordata", "xpos", "xipos", "xmat", "subtree_linvel")
 
-  def help(self, member, k: int):
-    """Helper thread `k`'s share: `member(k, i, *args)` until no member is left unclaimed."""
-    with self.cond:
-      self.busy += 1
-    try:
-      while self.error is None and (i := next(self.claims)) < self.count:
-        member(k, i, *self.args)
-    except BaseException as e:  # raised by the calling thread
-      self.error = e
-    finally:
-      with self.cond:
-        self.busy -= 1
-        self.cond.notify_all()
+  def __init__(self, m: mujoco.MjModel, n: int, threads: int):
+    self.batch = b = mujoco.batch.Batch(m, n, nthread=threads)
+    self.rows = b.state  # [n, nstate] float64, live
+    self.handles: tuple | None = None
+    self.readout = [b.bind(name) for name in self.READOUT]  # refreshed after every call
+    cols = _columns(m)
+    S = mujoco.mjtState
+    self.exact = np.concatenate([c for bit, c in cols.items() if bit & STATE_SPEC])
+    self.qpos, self.qvel, self.ctrl = (cols[int(x)] for x in (S.mjSTATE_QPOS, S.mjSTATE_QVEL,
+                                                               S.mjSTATE_CTRL))  # fmt: skip
+    self.time = int(cols[int(S.mjSTATE_TIME)][0])
 
-  def run(self, member):
-    """The calling thread's share (thread 0), then waits for the helpers stepping a member."""
-    try:
-      while self.error is None and (i := next(self.claims)) < self.count:
-        member(0, i, *self.args)
-    except BaseException as e:
-      self.error = e
-    with self.cond:
-      while self.busy:
-        self.cond.wait()
-    if self.error is not None:
-      raise self.error
+  def use(self, handles: list[int]) -> None:
+    key = tuple(handles)
+    if key != self.handles:
+      self.batch.set_models([model(h) for h in handles])
+      self.handles = key
 
 
 class _Stepper:
-  """Host side of one step: an `mj_step` loop over the members, on the calling thread and
-  `threads - 1` helper threads (MuJoCo's functions release the GIL), under a lock (XLA may call
-  from any thread). A member's result does not depend on the thread or `MjData` that steps it.
+  """Host side of one step: MuJoCo's own batched `mj_step` loop (`mujoco.batch.Batch`, C threads,
+  `threads` of them including the caller's), under a lock (XLA may call from any thread; a
+  `Batch` serves one caller at a time). Results are the same bits at any thread count.
 
-  Each thread reuses one `MjData` per domain size for every member it steps (all morphologies
-  of a domain have the same sizes). The `MjData` live in this long-lived object: kept in a
-  `threading.local`, they were freed when XLA's callback thread state was released, which
-  crashed the process."""
+  One `Batch` per (domain size, member count) lives here for the process: its simulations'
+  `MjData` are shared by its threads, and every call loads the members' exact state into its
+  rows and saves it back, so the env state stays the only state."""
 
   def __init__(self, threads: int = THREADS):
     self._lock = threading.Lock()
     self._threads = threads
-    self._slots: list[dict[tuple, _Slot]] = [{} for _ in range(threads)]  # by domain size
-    self._by_handle: list[dict[int, _Slot]] = [{} for _ in range(threads)]
-    self._jobs: list[queue.SimpleQueue] = []  # one per helper, started at the first batch
+    self._sims: dict[tuple, _Sims] = {}
 
-  def _slot(self, k: int, handle: int) -> _Slot:
-    """Thread `k`'s `MjData` for the model `handle`."""
-    slot = self._by_handle[k].get(handle)
-    if slot is None:
-      m = model(handle)
-      key = (m.nbuffer, m.narena, m.nq, m.nv, m.nbody, m.ngeom, m.nsensordata, m.nu, m.na)
-      slots = self._slots[k]
-      if key not in slots:
-        slots[key] = _Slot(m)
-      slot = self._by_handle[k][handle] = slots[key]
-    return slot
-
-  def _help(self, k: int):
-    """Helper thread `k`: its share of every job."""
-    jobs = self._jobs[k - 1]
-    while True:
-      jobs.get().help(self._member, k)
+  def _get(self, handles: list[int]) -> _Sims:
+    m = model(handles[0])
+    key = (len(handles), m.nbuffer, m.narena, m.nq, m.nv, m.nbody, m.ngeom, m.nsensordata, m.nu)
+    sims = self._sims.get(key)
+    if sims is None:
+      sims = self._sims[key] = _Sims(m, len(handles), self._threads)
+    sims.use(handles)
+    return sims
 
   def __call__(self, packed):
     """The callback: unpacks `step`'s one uint32 input (columns: handle, restart, n_phys, probe,
@@ -212,41 +188,6 @@ class _Stepper:
     flat = [out[0].reshape(len(x), -1)] + [o.reshape(len(x), -1).view(np.uint32) for o in out[1:]]
     return np.concatenate(flat, axis=1).reshape(*lead, -1)
 
-  def _member(self, k, i, handles, state64, restart, qpos_start, ctrl, n_phys, probe, out):
-    """Steps member `i` on thread `k`'s `MjData`, writing row `i` of each (float64) `out`."""
-    m = _models[handles[i]]
-    slot = self._slot(k, handles[i])
-    d = slot.d
-    if restart[i]:  # the suite's reset: qpos from the reset distribution, everything else 0
-      mujoco.mj_resetData(m, d)
-      slot.qpos[:] = qpos_start[i]
-    else:
-      mujoco.mj_setState(m, d, state64[i], STATE_SPEC)
-    slot.ctrl[:] = ctrl[i]
-    slot.warnings[_UNSTABLE] = 0
-    if n_phys[i]:
-      mujoco.mj_step(m, d, n_phys[i])
-    if probe[i]:  # acceleration-stage sensors (touch) at the new state, without moving it
-      mujoco.mj_forward(m, d)
-    if restart[i]:
-      d.time = 0.0
-    # Position/velocity quantities at the new state (dm_control's step ends with mj_step1).
-    mujoco.mj_kinematics(m, d)
-    mujoco.mj_comPos(m, d)
-    mujoco.mj_comVel(m, d)
-    mujoco.mj_subtreeVel(m, d)
-    exact, qpos, qvel, sens, xpos, xipos, xmat, sublin, time, warnings = out
-    mujoco.mj_getState(m, d, exact[i], STATE_SPEC)
-    warnings[i] = slot.warnings[_UNSTABLE]
-    qpos[i] = slot.qpos
-    qvel[i] = slot.qvel
-    sens[i] = slot.sensordata
-    xpos[i] = slot.xpos
-    xipos[i] = slot.xipos
-    xmat[i] = slot.xmat
-    sublin[i] = slot.subtree_linvel
-    time[i] = d.time
-
   def _step(self, handles, exact, restart, qpos_start, ctrl, n_phys, probe):
     """One control step of the members (arrays with the same leading axes; see `step`).
 
@@ -254,33 +195,43 @@ class _Stepper:
     lead = handles.shape
     count = int(np.prod(lead))
     flat = lambda x: np.asarray(x).reshape(count, *np.shape(x)[len(lead) :])
-    exact, qpos_start, ctrl = map(flat, (exact, qpos_start, ctrl))
-    handles, restart, n_phys, probe = (flat(x).tolist() for x in (handles, restart, n_phys, probe))
-    m0 = model(handles[0])
-    nb = m0.nbody
-    f64 = lambda *shape: np.empty((count, *shape), np.float64)
-    out = (
-      np.empty((count, exact.shape[1] * 2), np.uint32).view(np.float64),
-      f64(m0.nq), f64(m0.nv), f64(m0.nsensordata), f64(nb, 3), f64(nb, 3), f64(nb, 9), f64(nb, 3),
-      f64(), np.empty((count, 3), np.int32),
-    )  # fmt: skip
-    state64 = np.ascontiguousarray(exact).view(np.float64).reshape(count, -1)
-    job = _Job(count, (handles, state64, restart, qpos_start, ctrl, n_phys, probe, out))
-    if count > 1 and self._threads > 1 and not self._jobs:
-      self._jobs = [queue.SimpleQueue() for _ in range(self._threads - 1)]
-      for k in range(1, self._threads):
-        threading.Thread(target=self._help, args=(k,), daemon=True, name=f"host-{k}").start()
-    for jobs in self._jobs[: count - 1]:
-      jobs.put(job)
-    job.run(self._member)
-    bits, qpos64, *readout, warnings = out
-    qpos = qpos64.astype(np.float32)
-    qpos[warnings.any(axis=1)] = np.nan
-    qvel, sens64, xpos, xipos, xmat, sublin, time = (x.astype(np.float32) for x in readout)
-    sens = np.zeros((count, max(m0.nsensordata, 1)), np.float32)
-    sens[:, : m0.nsensordata] = sens64
-    result = (bits.view(np.uint32).reshape(count, -1, 2), qpos, qvel, sens, xpos, xipos, xmat)
-    result += (sublin, time)
+    exact, qpos_start, ctrl, restart, n_phys, probe = map(
+      flat, (exact, qpos_start, ctrl, restart, n_phys, probe)
+    )
+    sims = self._get(flat(handles).tolist())
+    b, rows = sims.batch, sims.rows
+    rows[:, sims.exact] = np.ascontiguousarray(exact).view(np.float64).reshape(count, -1)
+    restarting = np.flatnonzero(restart).astype(np.int32)
+    if restarting.size:  # the suite's reset: qpos from the reset distribution, everything else 0
+      b.reset(restarting, stage=mujoco.mjtStage.mjSTAGE_NONE)
+      rows[restarting[:, None], sims.qpos] = qpos_start[restarting]
+    rows[:, sims.ctrl] = ctrl
+    b.warning[:, _UNSTABLE, 1] = 0
+    # Members with the same (physics steps, sensor pass) step together: position/velocity
+    # quantities at the new state (dm_control's step ends with mj_step1), and where `probe`, the
+    # acceleration-stage sensors (touch) at the new state, without moving it (mj_forward).
+    group = n_phys.astype(np.int64) * 2 + probe
+    for g in np.unique(group):
+      ids = None if g == group[0] and (group == g).all() else np.flatnonzero(group == g)
+      n, sense = divmod(int(g), 2)
+      stage = mujoco.mjtStage.mjSTAGE_ACC if sense else mujoco.mjtStage.mjSTAGE_VEL
+      if n:
+        b.step(ids, n, stage)
+      else:
+        b.forward(ids, stage)
+    rows[restarting, sims.time] = 0.0
+    unstable = b.warning[:, _UNSTABLE, 1].any(axis=1)
+    bits = np.ascontiguousarray(rows[:, sims.exact]).view(np.uint32).reshape(count, -1, 2)
+    qpos = rows[:, sims.qpos].astype(np.float32)
+    qpos[unstable] = np.nan
+    qvel = rows[:, sims.qvel].astype(np.float32)
+    sens64, xpos, xipos, xmat, sublin = sims.readout
+    sens = np.zeros((count, max(sens64.shape[1], 1)), np.float32)
+    sens[:, : sens64.shape[1]] = sens64
+    result = (bits, qpos, qvel, sens) + tuple(
+      x.astype(np.float32) for x in (xpos, xipos, xmat.reshape(count, -1, 9), sublin)
+    )
+    result += (rows[:, sims.time].astype(np.float32),)
     return tuple(x.reshape(*lead, *x.shape[1:]) for x in result)
 
 

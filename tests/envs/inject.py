@@ -23,8 +23,9 @@ def nan_qvel(data, member: int, dof: int = 3):
     exact = np.array(data.exact)
     at = 1 + data.qpos.shape[-1] + dof
     exact[member, at] = np.array([np.nan], np.float64).view(np.uint32)
-    return data.replace(exact=jnp.asarray(exact), qvel=data.qvel.at[member, dof].set(jnp.nan))
-  return data.replace(qvel=data.qvel.at[member, dof].set(jnp.nan))
+    qvel = jnp.asarray(data.qvel).at[member, dof].set(jnp.nan)
+    return data.replace(exact=jnp.asarray(exact), qvel=qvel)
+  return data.replace(qvel=jnp.asarray(data.qvel).at[member, dof].set(jnp.nan))
 
 
 def exact_f64(data: host.HostData) -> np.ndarray:
