@@ -187,6 +187,136 @@ def test_a_dropped_episode_splits_its_stream(tmp_path):
   assert ds.num_episodes == 5
 
 
+PROVISIONAL = {"cheetah": {"value": 8.0, "source": "provisional (labelled)"}}
+
+
+def _same_chunks(a: dataset_lib.Dataset, b: dataset_lib.Dataset) -> None:
+  assert a.num_chunks == b.num_chunks
+  for i in range(a.num_chunks):
+    for field in dataset_lib.FIELDS:
+      np.testing.assert_array_equal(getattr(a.chunk(i), field), getattr(b.chunk(i), field))
+
+
+def test_the_behaviour_stage_drops_a_diverged_episode_and_its_rerun_drops_it_again(
+  tmp_path, monkeypatch
+):
+  """Through `stage_behaviour` (one period of 2 episodes, 6 chunks of 17 records): a NaN joint
+  velocity in member 2's first episode (its 2nd chunk) diverges it; the stage completes, and its
+  result.json and stream info report `dropped_episodes == 1`. Stopped after the divergence (before
+  any checkpoint) and rerun, the stage replays the divergence exactly, as a deterministic one
+  would recur, and drops it again: the same result.json and stream, one dropped episode, not two.
+  A third call is skipped."""
+  cc = pipeline_config(**{"collect.chunk": 17}).collect
+  assert collect.num_periods(cc, cc.behaviour.num_envs, cc.behaviour.env_steps) == 1
+  real, runners = collect.get_runner, []
+
+  def get_runner(*args):
+    runners.append(NaNAt(real(*args), at=2, member=2))
+    return runners[-1]
+
+  monkeypatch.setattr(collect, "get_runner", get_runner)
+  gate = {"cheetah": {"shrink": 0.0}}
+
+  def stage(root: str, stop=None):
+    collect.stage_behaviour(cc, root, ("cheetah",), PROVISIONAL, gate, stop)
+    workdir = os.path.join(root, "behaviour", "narrow", "cheetah")
+    with open(os.path.join(workdir, "result.json")) as f:
+      return json.load(f), dataset_lib.Dataset.open(os.path.join(workdir, "stream"))
+
+  result, ds = stage(str(tmp_path / "straight"))
+  assert [r.calls for r in runners] == [6]
+  assert result["dropped_episodes"] == 1 and ds.info["dropped_episodes"] == 1
+  ((returns,),) = result["returns"]
+  assert len(returns) == 7 and result["chunks"] == 2  # 8 episodes, one dropped
+  assert [c.num_streams for c in ds] == [1, 3] and ds.num_episodes == 7
+  np.testing.assert_array_equal(ds.chunk(0).stream, [2])  # slot 2 keeps its 2nd episode only
+  np.testing.assert_array_equal(ds.chunk(0).step0, [cc.episode_length + 1])
+  np.testing.assert_array_equal(ds.chunk(1).stream, [0, 1, 3])
+  assert all(np.isfinite(np.asarray(c.obs)).all() for c in ds)
+
+  root = str(tmp_path / "killed")
+  workdir = os.path.join(root, "behaviour", "narrow", "cheetah")
+  with pytest.raises(collect.StageStopped):  # stopped before chunk 5, after the divergence
+    stage(root, StopAfter(4))
+  partial = dataset_lib.Dataset.open(os.path.join(workdir, "stream"), allow_incomplete=True)
+  assert partial.num_chunks == 0
+  assert not os.path.exists(os.path.join(workdir, "result.json"))
+  again, ds_again = stage(root)
+  assert [r.calls for r in runners] == [6, 4, 6]
+  assert again == result and ds_again.info == ds.info
+  _same_chunks(ds, ds_again)
+  assert stage(root)[0] == result and len(runners) == 3  # finished: skipped, nothing built
+
+
+class Killed(Exception):
+  """A kill between a period's dataset writes and its checkpoint."""
+
+
+def test_a_job_resumes_after_periods_that_dropped_episodes(tmp_path, monkeypatch):
+  """3 periods of 2 episodes (6 chunks of 17 records): a dropped episode splits its slot's
+  stream, so periods 0 and 1 (a NaN in member 2's episode 0, then in member 0's episode 1) write
+  2 chunks each and the writer's count (5 in all) is not the period count. A kill after period 1's
+  writes and before its checkpoint leaves 4 chunks on disk and period 0's checkpoint (2 chunks);
+  the resume truncates to those 2, replays period 1 (its divergence recurs, as a deterministic
+  one would) and ends with the uninterrupted run's result, dataset and state, bitwise.
+
+  (The NaN goes into the state the simulation continues from, so its member is held on that
+  non-finite state until the episode ends; a checkpoint taken meanwhile would be set aside as
+  corrupted at restore. Period 0's divergence is in episode 0, so the checkpoint resumed from
+  holds finite states, as after a real divergence, held on its last finite state.)"""
+  cc = pipeline_config(**{"collect.chunk": 17}).collect
+  real, runners, nans = collect.get_runner, [], []
+
+  def get_runner(*args):
+    runner = real(*args)
+    for at, member in nans:
+      runner = NaNAt(runner, at, member)
+    runners.append(runner)
+    return runner
+
+  save, kill_at = checkpoint_lib.Checkpointer.save, {"step": None}
+
+  def killing_save(self, step, state, meta):
+    if step == kill_at["step"]:
+      raise Killed
+    return save(self, step, state, meta)
+
+  monkeypatch.setattr(collect, "get_runner", get_runner)
+  monkeypatch.setattr(checkpoint_lib.Checkpointer, "save", killing_save)
+  runs = {}
+  for name in ("straight", "killed"):
+    workdir = str(tmp_path / name)
+    path = os.path.join(workdir, "stream")
+
+    def job(path=path):
+      writer = collect.open_writer(path, "cheetah", "behaviour", cc.episode_length, {})
+      return writer, dataclasses.replace(_job(cc, writer), periods=3, period_episodes=2)
+
+    nans[:] = [(2, 2), (11, 0)]  # period 0 chunk 2 (episode 0); period 1 chunk 5 (episode 1)
+    if name == "killed":
+      kill_at["step"] = 2  # period 1's checkpoint
+      writer, killed = job()
+      with pytest.raises(Killed):
+        collect.run_job(cc, killed, 8.0, workdir, seed=3)
+      assert writer.num_chunks == 4
+      kill_at["step"], nans[:] = None, [(5, 0)]  # the resume's 5th call is period 1's 5th
+    writer, j = job()
+    result = collect.run_job(cc, j, 8.0, workdir, seed=3)
+    writer.close({"dropped_episodes": result["dropped_episodes"]})
+    runs[name] = (jax.device_get(result.pop("final_state")), result, dataset_lib.Dataset.open(path))
+  assert [r.calls for r in runners] == [18, 12, 12]
+  (s1, r1, d1), (s2, r2, d2) = runs["straight"], runs["killed"]
+  assert r1["dropped_episodes"] == 2 and r1["chunks"] == 5
+  assert [c.num_streams for c in d1] == [1, 3, 1, 3, 4]
+  np.testing.assert_array_equal(d1.chunk(0).stream, [2])  # slot 2's episode 1 of period 0
+  np.testing.assert_array_equal(d1.chunk(0).step0, [cc.episode_length + 1])
+  np.testing.assert_array_equal(d1.chunk(2).stream, [4])  # slot 0's episode 0 of period 1
+  np.testing.assert_array_equal(d1.chunk(2).step0, [0])
+  assert r2 == r1 and d2.info["dropped_episodes"] == 2
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s2)))
+  _same_chunks(d1, d2)
+
+
 def test_v_max_is_the_deterministic_mean_speed_of_its_window(tmp_path):
   """v_max is the mean v_x over control steps 200–999 (here from L // 5 = 10 to 49) of the
   trained expert's deterministic episodes: recomputed from a replay of its checkpointed state."""
