@@ -76,10 +76,13 @@ def validate(c) -> None:
     (a.update_after >= 2, "adapt.update_after", a.update_after, "must be ≥ 2"),
     (c.eval.episodes > 0, "eval.episodes", c.eval.episodes, "must be > 0"),
     (c.target.scenarios > 0, "target.scenarios", c.target.scenarios, "must be > 0"),
-    (c.target.episode_length > 0, "target.episode_length", c.target.episode_length, "> 0"),
+    (c.target.episode_length > 0, "target.episode_length", c.target.episode_length, "must be > 0"),
     (r.chunk > 0, "run.chunk", r.chunk, "must be > 0"),
     (all(s >= 0 for s in c.seeds), "seeds", tuple(c.seeds), "must all be ≥ 0"),
-    (len(set(c.seeds)) == len(c.seeds), "seeds", tuple(c.seeds), "has a seed twice"),
+    (
+      len(set(c.seeds)) == len(c.seeds), "seeds", tuple(c.seeds),
+      "has a seed twice: list each once",
+    ),
     (c.target.obs_seed >= -1, "target.obs_seed", c.target.obs_seed, "must be ≥ -1 (-1: the run's)"),
     (
       len(c.target.domains) > 0 or bool(c.target.domain),

@@ -199,6 +199,29 @@ def validate(cc) -> None:
       )
 
 
+def check_data_dir(root: str) -> None:
+  """Refuses a data directory that cannot be made or written, before anything is: a file where it
+  or a directory above it should be, or a nearest existing directory this user cannot write."""
+  probe = os.path.abspath(root)
+  while not os.path.lexists(probe):
+    probe = os.path.dirname(probe)
+  if not os.path.isdir(probe):
+    raise ValueError(
+      f"data directory {root!r}: {probe} exists and is not a directory; pass a directory that "
+      "exists or can be made"
+    )
+  if not os.access(probe, os.W_OK | os.X_OK):
+    raise ValueError(
+      f"data directory {root!r}: {probe} is not writable; pass a directory you can write to"
+    )
+
+
+def check_inputs(cc, root: str) -> None:
+  """Everything `run` refuses before it writes or compiles anything: the config and the path."""
+  validate(cc)
+  check_data_dir(root)
+
+
 def training_distribution(name: str, shrink: float = 0.0) -> scen.ScenarioDistribution:
   """A training distribution by name; `shrink` (from the gate) narrows the wide δ."""
   base, _, beta = name.partition("_beta")
@@ -927,7 +950,7 @@ def stage_specialists(cc, root: str, domains, lists: dict, v_max: dict, rand: di
 
 def run(cc, root: str, domains: tuple[str, ...] | None = None) -> dict:
   """Runs every stage in order (skipping finished ones); returns the metadata."""
-  validate(cc)
+  check_inputs(cc, root)
   domains = tuple(domains or cc.domains)
   os.makedirs(root, exist_ok=True)
   logs.write_json(os.path.join(root, "collect_config.json"), cc.to_dict())
@@ -963,7 +986,7 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logs.quiet_libraries()
-  cli.exit_on_bad_input(validate, _CONFIG.value)  # one line, no traceback
+  cli.exit_on_bad_input(check_inputs, _CONFIG.value, _DATA_DIR.value)  # one line, no traceback
   try:
     print_metadata(run(_CONFIG.value, _DATA_DIR.value))
   except StageStopped as e:  # SIGTERM / SIGUSR1: the stage's last period checkpoint is kept

@@ -74,7 +74,10 @@ def validate(c) -> None:
     (c.train.max_to_keep > 0, "train.max_to_keep", c.train.max_to_keep, "must be > 0"),
     (c.train.num_devices >= 0, "train.num_devices", c.train.num_devices, "must be ≥ 0"),
     (c.data.holdout_streams >= 0, "data.holdout_streams", c.data.holdout_streams, "must be ≥ 0"),
-    (c.data.normalizer_records > 0, "data.normalizer_records", c.data.normalizer_records, "> 0"),
+    (
+      c.data.normalizer_records > 0, "data.normalizer_records", c.data.normalizer_records,
+      "must be > 0",
+    ),
     (c.data.prefetch >= 1, "data.prefetch", c.data.prefetch, "must be ≥ 1"),
     (c.eval.burn_in >= 1, "eval.burn_in", c.eval.burn_in, "must be ≥ 1"),
     (c.eval.windows >= 1, "eval.windows", c.eval.windows, "must be ≥ 1"),
