@@ -438,6 +438,28 @@ def test_gate_shrink_narrows_wide_ranges():
   assert collect.training_distribution("fixed").alpha == ((1.0, 1.0),)
 
 
+def test_fixed_is_table_5s_distribution(tmp_path):
+  """Table 5 (PROTOCOL.md): dynamics fixed (α = 1) and β in [0.5, 0.8], in training, in
+  evaluation and in its evaluation list; the gate's shrink leaves it alone (δ = 0)."""
+  assert collect.EVAL_SETTINGS["fixed"] == ("fixed",)
+  for shrink in (0.0, 0.15):
+    for d in (collect.training_distribution("fixed", shrink),
+              collect.evaluation_distribution("fixed", shrink)):  # fmt: skip
+      assert d.alpha == ((1.0, 1.0),) and d.beta == ((0.5, 0.8),), (shrink, d)
+  draws = collect.training_distribution("fixed").sample(np.random.default_rng(0), "walker", 200)
+  assert all(s.alpha_len == s.alpha_size == 1.0 for s in draws)
+  beta = np.array([s.beta for s in draws])
+  assert 0.5 <= beta.min() < 0.52 and 0.78 < beta.max() <= 0.8  # the whole range, nothing else
+  c = pipeline_config(
+    **{"collect.distributions": ("fixed",), "collect.evaluation.settings": (),
+       "collect.evaluation.scenarios": 5}
+  )  # fmt: skip
+  lists = collect.stage_lists(c.collect, str(tmp_path), ("walker",), {"walker": {"shrink": 0.1}})
+  assert list(lists["walker"]) == ["fixed"] and len(lists["walker"]["fixed"]) == 5
+  for s in lists["walker"]["fixed"]:
+    assert s["alpha_len"] == s["alpha_size"] == 1.0 and 0.5 <= s["beta"] <= 0.8
+
+
 @pytest.mark.parametrize(
   "override, message",
   [
