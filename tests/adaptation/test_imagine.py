@@ -46,6 +46,10 @@ def test_imagined_window_tokens_are_the_policy_inputs():
 
   run = jax.jit(run)
   normalise = lambda o, ws: np.where(ws.obs_mask > 0, norm.normalize(o, domain), 0.0)
+  # `none` from the same key: the same ô_0 and a_0, so its ô_1 is step 0's decoded mean itself
+  _, (o_none, a_none, _, decoded) = jax.device_get(
+    run(obs_functions.obs_fn_id("none"), jax.random.key(3))
+  )
   for name in ("add_gaussian", "mask_random"):
     ws, (o, a, _, o_next) = jax.device_get(run(obs_functions.obs_fn_id(name), jax.random.key(3)))
     np.testing.assert_array_equal(o[1:], o_next[:-1])  # the policy acts on the perturbed ô
@@ -56,6 +60,15 @@ def test_imagined_window_tokens_are_the_policy_inputs():
       np.testing.assert_array_equal(ws.window.action[:, h - H], a[h])
     np.testing.assert_allclose(ws.obs, normalise(o_next[-1], ws), atol=1e-5)  # pending token
     # the perturbation is real: a decoded mean would differ from every perturbed observation
+    np.testing.assert_array_equal(o[0], o_none[0])
+    np.testing.assert_array_equal(a[0], a_none[0])
+    if name == "add_gaussian":  # ô_1 − decoded mean ~ N(0, (0.1·σ_d)²) on the suite's entries
+      sigma = np.stack([specs.pad(obs_functions.obs_scale(specs.DOMAINS[d].name), specs.OBS_PAD)
+                        for d in ids])  # fmt: skip
+      suite = (ws.obs_mask > 0) & (sigma > 0)
+      z = (o_next[0] - decoded[0]) / (obs_functions.GAUSSIAN_SCALE * np.where(suite, sigma, 1))
+      z = z[suite]  # 2 · (15 + 24 + 17) = 112 draws: mean square 1 ± 0.13 (measured 0.91)
+      assert z.size == 112 and 0.6 < np.mean(z**2) < 1.5 and abs(z.mean()) < 0.35, z
     if name == "mask_random":
       zeros = (o_next == 0) & (ws.obs_mask[None] > 0)  # [H, S, 27]
       assert zeros.sum(-1).min() >= 2
