@@ -228,9 +228,8 @@ class _Stepper:
     sens64, xpos, xipos, xmat, sublin = sims.readout
     sens = np.zeros((count, max(sens64.shape[1], 1)), np.float32)
     sens[:, : sens64.shape[1]] = sens64
-    result = (bits, qpos, qvel, sens) + tuple(
-      x.astype(np.float32) for x in (xpos, xipos, xmat.reshape(count, -1, 9), sublin)
-    )
+    bodies = (xpos, xipos, xmat.reshape(count, -1, 9), sublin)
+    result = (bits, qpos, qvel, sens, *(x.astype(np.float32) for x in bodies))
     result += (rows[:, sims.time].astype(np.float32),)
     return tuple(x.reshape(*lead, *x.shape[1:]) for x in result)
 
