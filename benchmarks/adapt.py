@@ -3,21 +3,23 @@
   python -m benchmarks.adapt                          # CPU: smoke sizes, 3 domains × 1 × 2 seeds
   python -m benchmarks.adapt --size paper --scenarios 5 --seeds 5 --chunks 8   # a GPU (75 pairs)
 
-Each real step of every pair includes everything Algorithm 2 does per step: the MJX step of each
-domain's sub-batch, the stream write, the SAC updates (`updates_per_step` of them, vmapped over
-the pairs) and, every 250 steps, a rollout round (filtering and H-step imagination from
-`starts` start states per pair). A chunk is 250 steps, so every timed chunk holds one round. The
-world model and the behaviour experts are freshly initialised (throughput does not depend on
-their values), so nothing needs pretraining. Reported after compilation: ms per real step (all
-pairs at once), real steps/s per pair and in all, SAC updates/s, compile seconds, peak memory,
-and the hours a 100k-step adaptation takes at that rate. The issue's aim on one H200-class GPU:
-≤ 9 ms per real step for 75 pairs at paper size.
+On each simulation backend (`--backends`). Each real step of every pair includes everything
+Algorithm 2 does per step: the env step of each domain's sub-batch, the stream write, the SAC
+updates (`updates_per_step` of them, vmapped over the pairs) and, every 250 steps, a rollout
+round (filtering and H-step imagination from `starts` start states per pair). A chunk is 250
+steps, so every timed chunk holds one round. The world model and the behaviour experts are
+freshly initialised (throughput does not depend on their values), so nothing needs
+pretraining. Reported after compilation: ms per real step (all pairs at once), real steps/s
+per pair and in all, SAC updates/s, compile seconds, peak memory, and the hours a 100k-step
+adaptation takes at that rate. The issue's aim on one H200-class GPU: <= 9 ms per real step
+for 75 pairs at paper size.
 Writes benchmarks/results/adapt_<size>_<device>_<date>.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 
 import jax
@@ -27,6 +29,7 @@ from benchmarks import common
 from benchmarks.pretrain import _peak_memory
 from mrcom_jax.adaptation import program as program_lib
 from mrcom_jax.agents import sac as sac_lib
+from mrcom_jax.envs import env as env_lib
 from mrcom_jax.envs import scenarios, specs
 from mrcom_jax.world_model import config as wm_config
 from mrcom_jax.world_model import model as model_lib
@@ -42,7 +45,7 @@ CHUNK = 250
 BUDGET = 100_000  # real steps of one adaptation
 
 
-def build(size: str, domains, scenarios_per_domain: int, seeds: int, rollouts: bool):
+def build(size: str, domains, scenarios_per_domain: int, seeds: int, rollouts: bool, backend: str):
   s = SIZES[size]
   wm_cfg = s["wm"]()
   n = scenarios_per_domain * seeds
@@ -56,7 +59,7 @@ def build(size: str, domains, scenarios_per_domain: int, seeds: int, rollouts: b
     behaviour_sac=sac_lib.SACConfig(hidden=(s["hidden"],) * 2),
   )  # fmt: skip
   world_model = model_lib.make_world_model(wm_cfg) if rollouts else None
-  program = program_lib.make_program(spec, world_model)
+  program = program_lib.make_program(spec, world_model, backend=backend)
   rng = np.random.default_rng(0)
   env_params, actors = [], []
   for env in program.envs:
@@ -119,17 +122,22 @@ def main() -> None:
   parser.add_argument("--seeds", type=int, default=2)
   parser.add_argument("--chunks", type=int, default=2, help="timed chunks of 250 real steps")
   parser.add_argument("--no_plain", action="store_true", help="skip the no-rollout comparison")
+  parser.add_argument("--backends", default="mjx,mujoco", help="simulation backends")
   args = parser.parse_args()
+  backends = args.backends.split(",")
+  for b in backends:
+    env_lib.resolve_backend(b)
   domains = tuple(args.domains.split(","))
   for d in domains:
     specs.get_domain(d)
   results = []
-  for rollouts in (True,) if args.no_plain else (True, False):
-    program, params = build(args.size, domains, args.scenarios, args.seeds, rollouts)
+  for backend, rollouts in itertools.product(backends, (True,) if args.no_plain else (True, False)):
+    program, params = build(args.size, domains, args.scenarios, args.seeds, rollouts, backend)
     r = measure(program, params, args.chunks)
     r["size"] = args.size
+    r["env_backend"] = program.envs[0].backend
     print(
-      f"{args.size} {'rollouts' if rollouts else 'plain SAC'}: {r['pairs']} pairs, "
+      f"{args.size} {backend} {'rollouts' if rollouts else 'plain SAC'}: {r['pairs']} pairs, "
       f"{r['ms_per_real_step']:.2f} ms per real step, {r['real_steps_per_s_all_pairs']:.0f} "
       f"real steps/s in all, {r['sac_updates_per_s']:.0f} SAC updates/s, first chunk "
       f"{r['first_chunk_s_incl_compile']:.0f} s, 100k steps in {r['hours_per_100k_steps']:.2f} h"

@@ -3,9 +3,10 @@
   python -m benchmarks.pretrain                     # CPU-sized (a few minutes on 2 cores)
   python -m benchmarks.pretrain --num_envs 256 --sizes tiny,paper --updates 200   # a GPU
 
-1. Collection: the behaviour-SAC runner program of each domain (`mrcom_jax.agents.runner`),
-   TRAIN mode with updates (the recipe's ratio) and RANDOM mode without: env steps/s after
-   compilation, and the compile time.
+1. Collection, on each simulation backend (`--backends`; PROTOCOL.md "Simulation backends"):
+   the behaviour-SAC runner program of each domain (`mrcom_jax.agents.runner`) at the smoke
+   collection recipe (4 envs, 64-unit SAC, one update per iteration), TRAIN mode with updates
+   and RANDOM mode without: env steps/s after compilation, and the compile time.
 2. Data: the RANDOM-mode records of step 1 are written as `mix` datasets (the on-disk format of
    `mrcom_jax.data`), so the sampler reads real MJX data from disk through its memory maps.
 3. Pretraining: `WindowSampler` (prefetch thread) feeding the jitted world-model update on a mesh
@@ -49,13 +50,15 @@ def _peak_memory() -> dict:
   return out
 
 
-def bench_collection(domain: str, num_envs: int, chunks: int, updates_per_iter: int, data_dir):
+def bench_collection(
+  domain: str, backend: str, num_envs: int, chunks: int, updates_per_iter: int, data_dir
+):
   """Env steps/s of the runner with and without SAC updates; writes the random records."""
-  env = env_lib.make_env(domain)
+  env = env_lib.make_env(domain, backend=backend)
   config = runner_lib.RunnerConfig(
     domain=domain, num_envs=num_envs, num_agents=1, chunk=EPISODE + 1,
     replay_capacity=num_envs * (EPISODE + 1) * (chunks + 1), updates_per_iter=updates_per_iter,
-    sac=sac_lib.SACConfig(hidden=(256, 256), batch_size=256),
+    sac=sac_lib.SACConfig(hidden=(64, 64), batch_size=64),
   )  # fmt: skip
   runner = runner_lib.make_runner(env, config)
   members = scenarios.get_distribution("a").sample(np.random.default_rng(0), domain, num_envs)
@@ -90,8 +93,8 @@ def bench_collection(domain: str, num_envs: int, chunks: int, updates_per_iter: 
       "first_call_s (compile + 1 chunk)": compile_s,
       "updates_per_iteration": updates_per_iter if mode == runner_lib.RunnerMode.TRAIN else 0,
     }
-    print(f"{domain:8s} {name:6s} {num_envs:4d} envs: {steps / elapsed:9.0f} env steps/s "
-          f"(first call {compile_s:.1f} s)")  # fmt: skip
+    print(f"{domain:8s} {backend:6s} {name:6s} {num_envs:4d} envs: "
+          f"{steps / elapsed:9.0f} env steps/s (first call {compile_s:.1f} s)")  # fmt: skip
   writer.close()
   return out
 
@@ -152,15 +155,40 @@ def main() -> None:
   parser.add_argument("--sizes", default="tiny,paper", help="world-model sizes: tiny,paper")
   parser.add_argument("--updates", type=int, default=30, help="timed world-model updates")
   parser.add_argument("--domains", default=",".join(DOMAINS))
+  parser.add_argument("--backends", default="mjx,mujoco", help="simulation backends (collection)")
   args = parser.parse_args()
+  backends = args.backends.split(",")
+  for b in backends:
+    env_lib.resolve_backend(b)
   payload = {"args": vars(args), "collection": {}, "pretrain": {}}
   with tempfile.TemporaryDirectory() as data_dir:
-    for domain in args.domains.split(","):
-      payload["collection"][domain] = bench_collection(
-        domain, args.num_envs, args.chunks, args.updates_per_iter, data_dir
+    for backend in backends:
+      payload["collection"][backend] = {
+        domain: bench_collection(
+          domain, backend, args.num_envs, args.chunks, args.updates_per_iter,
+          os.path.join(data_dir, backend),
+        )
+        for domain in args.domains.split(",")
+      }  # fmt: skip
+    if len(backends) > 1:
+      payload["collection_speedup_mujoco_over_mjx"] = (
+        {
+          d: {
+            mode: payload["collection"]["mujoco"][d][mode]["env_steps_per_s"]
+            / payload["collection"]["mjx"][d][mode]["env_steps_per_s"]
+            for mode in ("random", "train")
+          }
+          for d in args.domains.split(",")
+        }
+        if {"mjx", "mujoco"} <= set(backends)
+        else {}
+      )
+      print(
+        "mujoco / mjx collection env steps/s:", payload.get("collection_speedup_mujoco_over_mjx")
       )
     datasets = [
-      dataset_lib.Dataset.open(os.path.join(data_dir, d)) for d in args.domains.split(",")
+      dataset_lib.Dataset.open(os.path.join(data_dir, backends[-1], d))
+      for d in args.domains.split(",")
     ]
     for size in args.sizes.split(","):
       payload["pretrain"][size] = bench_pretrain(datasets, size, args.updates)
